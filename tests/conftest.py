@@ -1,0 +1,27 @@
+"""Shared fixtures: the built-in synthetic shards, generated once per test session."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def synth_train(tmp_path_factory):
+    """64 training samples in 4 shards of the synthetic compositional set."""
+    from data_pipelines.synth import write_synth
+
+    out = tmp_path_factory.mktemp("synth_train")
+    write_synth(str(out), n=64, seed=0, split="train", samples_per_shard=16)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_test(tmp_path_factory):
+    """32 held-out samples with unique captions in 2 shards."""
+    from data_pipelines.synth import write_synth
+
+    out = tmp_path_factory.mktemp("synth_test")
+    write_synth(str(out), n=32, seed=1, split="test", samples_per_shard=16)
+    return out

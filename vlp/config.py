@@ -1,0 +1,285 @@
+"""Typed experiment configuration: one YAML per run, validated before any work starts.
+
+The schema is a tree of dataclasses read through OmegaConf's structured configs. Every field is
+typed and defaulted here; YAML files and dotted command-line overrides (`train.lr=3e-4`) are merged
+on top. An unknown key or a value of the wrong type raises `ConfigError` naming the key and, for
+unknown keys, the nearest valid one.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix: names the key and what would be valid."""
+
+
+# ----------------------------------------------------------------------------------------- data
+@dataclass
+class SourceConfig:
+    """One weighted shard source for mixing."""
+
+    shards: str = ""  # shard spec: brace pattern, list joined by '::', local/http(s)/pipe: URLs
+    weight: float = 1.0
+    name: str = ""  # label used when reporting the realised mix; defaults to the index
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "open_clip"  # open_clip | hf | sentencepiece
+    name: str = ""  # open_clip model name, HF name/dir, or path to a SentencePiece .model
+    context_length: int = 77
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # shard spec; alternatively several weighted `sources`
+    sources: List[SourceConfig] = field(default_factory=list)
+    eval_shards: str = ""
+    resampled: bool = False  # False: epoch mode (each shard once per epoch); True: infinite sampling
+    shuffle_buffer: int = 1000  # samples; 0 disables sample shuffling
+    workers: int = 2  # DataLoader workers per rank
+    image_key: str = "jpg;jpeg;png;webp"
+    caption_key: str = "txt"
+    image_size: int = 0  # 0: take the vision tower's size
+    crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop scale
+    interpolation: str = "bilinear"  # nearest | bilinear | bicubic | area
+    mean: List[float] = field(default_factory=list)  # empty: from the vision tower
+    std: List[float] = field(default_factory=list)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    samples_per_epoch: int = 0  # resampled mode: how many samples make one "epoch"; 0: unknown
+    max_corrupt_fraction: float = 0.1  # fail when more than this fraction of samples is corrupt
+
+
+# ---------------------------------------------------------------------------------------- model
+@dataclass
+class TowerConfig:
+    kind: str = "timm"  # vision: timm | hf | open_clip; text: hf | open_clip
+    name: str = ""  # model name (timm/open_clip) or HF name / local dir
+    pretrained: str = ""  # "" random init; a local dir/file or a hub name for the library's loader
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
+    locked: bool = False  # freeze the tower (LiT)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ModelConfig:
+    type: str = "clip"  # clip | align | siglip | albef
+    embed_dim: int = 512
+    vision: TowerConfig = field(default_factory=TowerConfig)
+    text: TowerConfig = field(default_factory=lambda: TowerConfig(kind="open_clip"))
+    patch_dropout: float = 0.0
+    init_temperature: float = 0.07  # CLIP 0.07, ALIGN 1.0; SigLIP uses init_logit_scale/bias
+    max_logit_scale: float = 100.0
+    label_smoothing: float = 0.0  # ALIGN uses 0.1
+    local_loss: bool = False  # open_clip's local-loss variant
+    siglip_init_logit_scale: float = 10.0
+    siglip_init_bias: float = -10.0
+    extra: Dict[str, Any] = field(default_factory=dict)  # model-family specific options
+
+
+# ---------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 32  # per rank, per micro-step
+    grad_accum: int = 1
+    grad_cache: bool = False  # contrastive negatives over the whole accumulated batch
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.2
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 0.0  # 0 disables
+    zero_stage: int = 0
+    precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | path to a checkpoint directory
+    tensorboard: bool = True
+    wandb: bool = False
+    peak_flops: float = 0.0  # per device; 0: measured matmul peak on CPU, known table on GPU
+    dist_timeout_s: int = 600
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # advanced DeepSpeed keys, merged last
+
+
+# ----------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalConfig:
+    every: int = 0  # run retrieval on data.eval_shards every N steps during training; 0: off
+    batch_size: int = 64
+    rerank_k: int = 16  # fusion models: ITM re-ranks the top-k ITC candidates
+    max_samples: int = 0  # 0: all
+
+
+# --------------------------------------------------------------------------------------- export
+@dataclass
+class ExportConfig:
+    format: str = "vlp"  # hf | open_clip | vlp
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    max_shard_size: str = "5GB"
+    license: str = "apache-2.0"
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+_CHOICES = {
+    "data.tokenizer.kind": ("open_clip", "hf", "sentencepiece"),
+    "data.interpolation": ("nearest", "bilinear", "bicubic", "area"),
+    "model.type": ("clip", "align", "siglip", "albef"),
+    "model.vision.kind": ("timm", "hf", "open_clip"),
+    "model.text.kind": ("hf", "open_clip"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "export.format": ("hf", "open_clip", "vlp"),
+    "export.dtype": ("fp32", "bf16", "fp16"),
+}
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig) and OmegaConf.get_type(child) is not dict:
+                keys.extend(_all_keys(child, full + "."))
+    return keys
+
+
+def _nearest(key: str, schema: DictConfig) -> str:
+    valid = _all_keys(schema)
+    leaf = key.split(".")[-1]
+    hits = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not hits:
+        by_leaf = {k.split(".")[-1]: k for k in valid}
+        leaf_hits = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        hits = [by_leaf[h] for h in leaf_hits]
+    return f"; nearest valid key: '{hits[0]}'" if hits else ""
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise ConfigError(f"{source}: unknown config key '{key}'{_nearest(key, base)}") from None
+    except ValidationError as e:
+        raise ConfigError(f"{source}: bad value for '{e.full_key}': {str(e.msg).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_overrides(overrides: List[str]) -> DictConfig:
+    """`a.b=1` strings -> a config tree; values are parsed as YAML scalars/lists."""
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
+
+
+def _check_values(cfg: DictConfig) -> None:
+    for key, choices in _CHOICES.items():
+        val = OmegaConf.select(cfg, key)
+        if val not in choices:
+            raise ConfigError(f"bad value for '{key}': {val!r}; valid: {', '.join(map(str, choices))}")
+    positive = ["train.steps", "train.micro_batch_size", "train.grad_accum", "data.tokenizer.context_length"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"bad value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
+    non_negative = ["train.lr", "train.warmup_steps", "train.log_every", "train.save_every",
+                    "train.grad_clip", "data.workers", "data.shuffle_buffer", "eval.every"]
+    for key in non_negative:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"bad value for '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.train.log_every == 0:
+        raise ConfigError("bad value for 'train.log_every': must be >= 1")
+    scale = list(cfg.data.crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"bad value for 'data.crop_scale': {scale}; want [lo, hi] with 0 < lo <= hi <= 1")
+    if len(cfg.data.mean) not in (0, 3) or len(cfg.data.std) not in (0, 3):
+        raise ConfigError("bad value for 'data.mean'/'data.std': give 3 values each, or leave empty")
+    resume = cfg.train.resume
+    if resume not in ("auto", "none") and not os.path.exists(resume):
+        raise ConfigError(f"bad value for 'train.resume': {resume!r} is neither 'auto', 'none' nor an existing path")
+    for i, src in enumerate(cfg.data.sources):
+        if not src.shards:
+            raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec")
+        if src.weight <= 0:
+            raise ConfigError(f"bad value for 'data.sources[{i}].weight': must be > 0, got {src.weight}")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Schema defaults <- YAML file <- dotted overrides, validated; returns a read-only-typed DictConfig."""
+    cfg = OmegaConf.structured(Config)
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = OmegaConf.load(path)
+        except Exception as e:  # yaml errors carry the line number
+            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        if not isinstance(data, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...)")
+        cfg = _merge(cfg, data, path)
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(overrides), "command line")
+    _check_values(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(d: Dict[str, Any]) -> DictConfig:
+    """Rebuild a validated config from a resolved dict (as stored in checkpoints and exports)."""
+    cfg = _merge(OmegaConf.structured(Config), d, "stored config")
+    _check_values(cfg)
+    return cfg
+
+
+def schema_doc() -> List[tuple]:
+    """(key, type, default) for every leaf key: the README's reference table is generated from this."""
+    rows = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for k in node.keys():
+            child = node._get_node(k)
+            full = f"{prefix}{k}"
+            if isinstance(child, DictConfig) and OmegaConf.get_type(child) is not dict:
+                walk(child, full + ".")
+            else:
+                val = OmegaConf.to_container(child) if isinstance(child, (DictConfig, ListConfig)) else child._value()
+                rows.append((full, getattr(child, "_metadata").ref_type, val))
+
+    walk(OmegaConf.structured(Config), "")
+    return rows
+
+
+__all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "schema_doc", "ListConfig"]
