@@ -1,0 +1,226 @@
+"""`vlp data convert|synth|inspect|tokenizer|bench`: the offline data tools on the command line.
+
+Heavy modules are imported inside each command so `vlp --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from typing import Callable, Dict
+
+SHARDS_HELP = ("shards: a directory (all *.tar inside, sorted), a brace pattern "
+               "('out/shard-{000000..000009}.tar') or paths joined by '::'")
+
+
+class _OverridesParser(argparse.ArgumentParser):
+    """Takes `key=value` overrides after options too: plain argparse (before Python 3.13) accepts a
+    trailing `nargs='*'` positional only right after the positionals before it."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        if hasattr(ns, "overrides"):
+            late = [a for a in extras if "=" in a and not a.startswith("-")]
+            ns.overrides = list(ns.overrides or []) + late
+            extras = [a for a in extras if not ("=" in a and not a.startswith("-"))]
+        return ns, extras
+
+
+def _user_errors(name: str) -> Callable:
+    """Turn input problems a user can fix into a one-line message and exit status 2."""
+
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(fn)
+        def run(args: argparse.Namespace) -> int:
+            from data_pipelines.shardspec import InputError
+
+            try:
+                return fn(args)
+            except (InputError, FileExistsError, FileNotFoundError) as e:
+                print(f"vlp data {name}: error: {e}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
+
+
+def _emit(result: Dict, as_json: bool, text: str) -> None:
+    print(json.dumps(result, indent=2) if as_json else text)
+
+
+@_user_errors("convert")
+def _convert(args: argparse.Namespace) -> int:
+    from data_pipelines.convert import convert
+
+    stats = convert(args.src, args.out, args.format, image_col=args.image_col, caption_col=args.caption_col,
+                    key_col=args.key_col, images_dir=args.images_dir, all_captions=args.all_captions,
+                    split=args.split, samples_per_shard=args.samples_per_shard,
+                    max_shard_bytes=args.max_shard_bytes, resize_max=args.resize_max, workers=args.workers,
+                    prefix=args.prefix, min_size=args.min_size, timeout=args.timeout,
+                    overwrite=args.overwrite, progress=not args.json)
+    skipped = ", ".join(f"{k}={v}" for k, v in stats["skipped"].items() if v) or "none"
+    _emit(stats, args.json, f"{stats['format']}: wrote {stats['written']} samples in {len(stats['shards'])} "
+          f"shard(s), {stats['total_bytes'] / 1e6:.1f} MB, to {args.out}; skipped: {skipped}\n"
+          f"details: {args.out}/stats.json")
+    if stats["written"] == 0:
+        print("vlp data convert: warning: no sample was written; see skipped_examples in stats.json",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+@_user_errors("synth")
+def _synth(args: argparse.Namespace) -> int:
+    from data_pipelines.synth import write_synth
+
+    stats = write_synth(args.out, args.n, seed=args.seed, split=args.split,
+                        samples_per_shard=args.samples_per_shard, image_size=args.image_size,
+                        prefix=args.prefix, overwrite=args.overwrite, progress=not args.json)
+    _emit(stats, args.json, f"synth {args.split}: wrote {stats['written']} samples ({stats['one_object']} one-object, "
+          f"{stats['two_objects']} two-object) in {len(stats['shards'])} shard(s) to {args.out}")
+    return 0
+
+
+@_user_errors("inspect")
+def _inspect(args: argparse.Namespace) -> int:
+    from data_pipelines.inspect_shards import format_report, inspect_shards
+
+    report = inspect_shards(args.shards, n=args.n, out_png=args.out, caption_key=args.caption_key,
+                            progress=not args.json)
+    _emit(report, args.json, format_report(report))
+    return 0
+
+
+@_user_errors("tokenizer")
+def _tokenizer(args: argparse.Namespace) -> int:
+    from data_pipelines.tokenizer import train_tokenizer
+
+    meta = train_tokenizer(args.shards, args.vocab_size, args.out, model_type=args.model_type,
+                           caption_key=args.caption_key, max_captions=args.max_captions,
+                           character_coverage=args.character_coverage, overwrite=args.overwrite)
+    _emit(meta, args.json, f"trained a {meta['model_type']} SentencePiece model, vocab {meta['vocab_size']}, on "
+          f"{meta['trained_on']['captions']} captions -> {args.out}/spm.model\n"
+          f"use it with: data.tokenizer.kind=sentencepiece data.tokenizer.name={args.out}/spm.model")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from vlp.data.bench import run_bench
+
+    return run_bench(args)
+
+
+def register(subparsers) -> None:
+    """Add `vlp data` and its sub-subcommands."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    data = subparsers.add_parser(
+        "data", help="offline data tools: convert sources to shards, synthetic set, inspect, tokenizer, bench",
+        description="Offline data tools. Shards are WebDataset tar files of KEY.jpg/KEY.txt/KEY.json samples.")
+    sub = data.add_subparsers(dest="data_command", metavar="TOOL", required=True, parser_class=_OverridesParser)
+
+    p = sub.add_parser("convert", formatter_class=fmt, help="write WebDataset shards from an image folder, "
+                       "CSV/TSV/Parquet, COCO or Karpathy JSON, or img2dataset output",
+                       description="""\
+Convert SRC into WebDataset shards in OUT: KEY.<jpg|png|webp> (image), KEY.txt (caption) and
+KEY.json (source path/url, width, height, extra metadata), plus OUT/stats.json with the number
+written, skips per reason and the shard list. The format is detected from SRC:
+  folder       a directory of images with sidecar captions (NAME.jpg + NAME.txt), recursive
+  table        .csv / .tsv / .parquet with an image column (path relative to the table's folder,
+               or an http(s) URL fetched with --timeout) and a caption column
+  coco         COCO captions JSON (top-level "annotations"); images under --images-dir. One sample
+               per image: txt = first caption, json "captions" = all; --all-captions: one per caption
+  karpathy     Karpathy split JSON (COCO/Flickr30k, "images" with "sentences"), --split chooses.
+               val/test images keep ALL captions in txt, one per line (for retrieval evaluation);
+               train/restval get the first caption (or one sample per caption, --all-captions)
+  img2dataset  a directory of NNNNN.tar (+ .parquet, _stats.json): every sample re-validated and
+               re-sharded; failed downloads listed in the parquet are counted as download_failed
+Skip reasons: missing_caption, empty_caption, duplicate_key, missing_image, unreadable_image,
+too_small, download_failed. Keys are sanitised (letters, digits, '_' and '-' only: webdataset
+splits a key at its first dot) and kept unique. Images pass through unchanged unless larger than
+--resize-max or not JPEG/PNG/WebP; those are re-encoded once as JPEG quality 95.""")
+    p.add_argument("src", metavar="SRC", help="image folder, table file, COCO/Karpathy JSON or img2dataset folder")
+    p.add_argument("out", metavar="OUT", help="output directory for the shards and stats.json")
+    p.add_argument("--format", default="auto", choices=["auto", "folder", "table", "coco", "karpathy", "img2dataset"],
+                   help="source format (default: detect from SRC)")
+    p.add_argument("--image-col", help="table column with the image path or URL (default: first of image, "
+                   "image_path, filepath, file_name, filename, path, file, url, image_url)")
+    p.add_argument("--caption-col", help="table column with the caption (default: first of caption, text, txt, "
+                   "title, sentence, description)")
+    p.add_argument("--key-col", help="table column to use as sample key (default: the 9-digit row number); "
+                   "repeated values are skipped as duplicate_key")
+    p.add_argument("--images-dir", help="COCO/Karpathy: folder the image file names are relative to "
+                   "(default: the JSON's folder)")
+    p.add_argument("--all-captions", action="store_true",
+                   help="COCO, Karpathy train/restval: one sample per caption instead of one per image")
+    p.add_argument("--split", default="train",
+                   help="Karpathy: split(s) to write, comma-separated from train, val, test, restval (default: train)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard at most (default: 1000)")
+    p.add_argument("--max-shard-bytes", default="0",
+                   help="shard size limit, e.g. 500MB or 1GiB; 0: no limit (default: 0)")
+    p.add_argument("--resize-max", type=int, default=0, metavar="SIDE",
+                   help="shrink images whose longer side exceeds SIDE (aspect kept, JPEG q=95); 0: keep size")
+    p.add_argument("--min-size", type=int, default=0, metavar="PX",
+                   help="skip images whose shorter side is below PX as too_small (default: 0)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that read/fetch/resize images; output order does not depend on it (default: 1)")
+    p.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-000000.tar (default: shard)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per URL download (default: 10)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards and stats.json in a non-empty OUT")
+    p.add_argument("--json", action="store_true", help="print stats as JSON (and no progress bar)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("synth", help="write the synthetic compositional shapes set (demo and tests)",
+                       description="Write N synthetic image-caption samples: one or two coloured shapes with "
+                       "size and position ('a large red circle on the left', 'a red circle left of a green "
+                       "triangle'). Deterministic for (seed, split); the test split never repeats a description.")
+    p.add_argument("out", metavar="OUT", help="output directory")
+    p.add_argument("--n", type=int, default=2000, help="number of samples (default: 2000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--split", default="train", help="split name; 'test' makes descriptions unique (default: train)")
+    p.add_argument("--samples-per-shard", type=int, default=256, help="samples per shard (default: 256)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--prefix", help="shard file prefix (default: synth-SPLIT)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards in a non-empty OUT")
+    p.add_argument("--json", action="store_true", help="print stats as JSON")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("inspect", help="count samples, caption lengths, and draw a contact sheet",
+                       description="Scan SHARDS: samples per shard, file extensions, sample keys, caption length "
+                       "in words (min/mean/max), captions per sample, duplicate keys; optionally a PNG contact "
+                       "sheet of the first N samples with their captions.")
+    p.add_argument("shards", metavar="SHARDS", help=SHARDS_HELP)
+    p.add_argument("--out", metavar="PNG", help="write a contact sheet of the first samples to this PNG")
+    p.add_argument("--n", type=int, default=16, help="samples on the contact sheet (default: 16)")
+    p.add_argument("--caption-key", default="txt", help="caption file extension (default: txt)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on the captions",
+                       description="Train a SentencePiece model on the captions of SHARDS (every line of a "
+                       "multi-caption txt counts). Writes DIR/spm.model and DIR/vlp_tokenizer.json with "
+                       "pad_id=0, unk_id=1, bos_id=2, eos_id=3; load it with data.tokenizer.kind=sentencepiece "
+                       "data.tokenizer.name=DIR/spm.model.")
+    p.add_argument("shards", metavar="SHARDS", help=SHARDS_HELP)
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including the 4 special tokens")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"], help="(default: unigram)")
+    p.add_argument("--max-captions", type=int, default=0, help="train on the first N captions; 0: all")
+    p.add_argument("--character-coverage", type=float, default=1.0,
+                   help="share of characters the vocabulary must cover; ~0.9995 for CJK (default: 1.0)")
+    p.add_argument("--caption-key", default="txt", help="caption file extension (default: txt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in DIR")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    p.set_defaults(func=_tokenizer)
+
+    p = sub.add_parser("bench", help="measure loader throughput (samples/s) on shards",
+                       description="Run the training data loader over SHARDS and report samples/s per stage.")
+    p.add_argument("shards", metavar="SHARDS", help=SHARDS_HELP)
+    p.add_argument("--workers", type=int, default=None, metavar="W", help="DataLoader workers (default: config)")
+    p.add_argument("--config", metavar="CFG", help="experiment YAML whose data section is used")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: train.micro_batch_size)")
+    p.add_argument("--samples", type=int, default=None, help="samples to time")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.image_size=128")
+    p.set_defaults(func=_bench)
