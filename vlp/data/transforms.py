@@ -1,0 +1,160 @@
+"""Fast image transforms: decode at reduced size, crop and resize in uint8, normalise per batch.
+
+Train: RandomResizedCrop (Szegedy et al. 2015's "Inception" crop, as torchvision samples it)
+with `data.crop_scale`. Eval: resize the shorter side and center crop, done as a center square
+crop followed by one resize. The crop box is chosen from the JPEG header before decoding, so a
+JPEG is decoded with libjpeg-turbo's DCT scaling (simplejpeg `min_height/min_width`) to the
+smallest size that still covers the output resolution; PNG/WebP (and JPEGs simplejpeg refuses,
+e.g. CMYK) go through PIL, with `draft` for JPEG. Resizing uses OpenCV in uint8; the output is
+uint8 CHW, and `normalize` turns a whole batch into float once.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Callable, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR,
+                  "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
+
+Box = Tuple[int, int, int, int]  # top, left, height, width in full-resolution pixels
+
+
+def random_resized_crop_box(h: int, w: int, scale: Sequence[float], rng: np.random.Generator,
+                            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Box:
+    """A random crop box covering `scale` of the area with aspect ratio in `ratio` (torchvision's rule)."""
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h  # fallback: central crop at the nearest allowed aspect ratio
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def center_crop_box(h: int, w: int) -> Box:
+    """The central square: resize-shorter-side-then-center-crop as one crop + resize."""
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def dct_factor(box: Box, size: int) -> int:
+    """Largest of 8, 4, 2 by which the crop can shrink and still cover `size` px; else 1.
+
+    Only powers of two: libjpeg-turbo's 1/2, 1/4, 1/8 IDCTs are fast, its other m/8 scales can be
+    slower than a full decode.
+    """
+    for f in (8, 4, 2):
+        if box[2] // f >= size and box[3] // f >= size:
+            return f
+    return 1
+
+
+def decode_for_crop(data: bytes, size: int, box_fn: Callable[[int, int], Box]) -> Tuple[np.ndarray, Box, float]:
+    """Decode just large enough for the crop: returns (RGB HWC uint8, box in decoded pixels, factor).
+
+    `factor` is full size / decoded size (1.0 when decoded at full resolution).
+    """
+    if _is_jpeg(data):
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            box = box_fn(h, w)
+            f = dct_factor(box, size)
+            if f > 1:  # the smallest output >= h/f x w/f is exactly the 1/f scale
+                img = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-h // f), min_width=-(-w // f))
+            else:
+                img = simplejpeg.decode_jpeg(data, colorspace="RGB")
+            return img, _scale_box(box, img.shape[0] / h, img.shape[1] / w), h / img.shape[0]
+        except ValueError:
+            pass  # e.g. CMYK or progressive oddities: PIL below
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        box = box_fn(h, w)
+        f = dct_factor(box, size)
+        if im.format == "JPEG" and f > 1:
+            im.draft("RGB", (-(-w // f), -(-h // f)))
+        img = np.asarray(im.convert("RGB"))
+    return img, _scale_box(box, img.shape[0] / h, img.shape[1] / w), h / img.shape[0]
+
+
+def _scale_box(box: Box, sy: float, sx: float) -> Box:
+    if sy == 1.0 and sx == 1.0:
+        return box
+    top, left = int(box[0] * sy), int(box[1] * sx)
+    return top, left, max(1, int(round(box[2] * sy))), max(1, int(round(box[3] * sx)))
+
+
+class ImageTransform:
+    """bytes -> uint8 CHW (3, size, size): random resized crop (train) or center crop (eval)."""
+
+    def __init__(self, size: int, train: bool, crop_scale: Sequence[float] = (0.9, 1.0),
+                 interpolation: str = "bilinear"):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+        self.size, self.train = int(size), train
+        self.crop_scale = tuple(crop_scale)
+        self.interpolation = interpolation
+
+    def __call__(self, data: bytes, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+        if self.train:
+            box_fn = lambda h, w: random_resized_crop_box(h, w, self.crop_scale, rng)  # noqa: E731
+        else:
+            box_fn = center_crop_box
+        img, (top, left, ch, cw), _ = decode_for_crop(data, self.size, box_fn)
+        crop = img[top:top + ch, left:left + cw]
+        if crop.shape[:2] != (self.size, self.size):
+            crop = cv2.resize(crop, (self.size, self.size), interpolation=INTERPOLATIONS[self.interpolation])
+        return np.ascontiguousarray(crop.transpose(2, 0, 1))
+
+
+def normalize(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 CHW images (a list or a (B,3,H,W) array) -> float32 (B,3,H,W), (x/255 - mean) / std.
+
+    One fused scale-and-shift pass per plane (OpenCV), straight into the batch tensor.
+    """
+    n, (c, h, w) = len(images), images[0].shape
+    out = np.empty((n, c, h, w), np.float32)
+    alpha = [1.0 / (255.0 * s) for s in std]
+    gamma = [-m / s for m, s in zip(mean, std)]
+    for i, img in enumerate(images):
+        for k in range(c):
+            cv2.addWeighted(img[k], alpha[k], img[k], 0.0, gamma[k], dst=out[i, k], dtype=cv2.CV_32F)
+    return torch.from_numpy(out)
+
+
+def resolve_image_cfg(image_cfg: Optional[dict], data_cfg=None) -> dict:
+    """Size/mean/std/interpolation: `data.image_size/mean/std` override the model's `image_cfg`."""
+    image_cfg = dict(image_cfg or {})
+    size = int(image_cfg.get("size") or 224)
+    mean = tuple(image_cfg.get("mean") or CLIP_MEAN)
+    std = tuple(image_cfg.get("std") or CLIP_STD)
+    interpolation = image_cfg.get("interpolation") or "bicubic"
+    if data_cfg is not None:
+        size = int(data_cfg.image_size) or size
+        mean = tuple(data_cfg.mean) or mean
+        std = tuple(data_cfg.std) or std
+    if interpolation not in INTERPOLATIONS:
+        interpolation = "bicubic"
+    return dict(size=size, mean=mean, std=std, interpolation=interpolation)
