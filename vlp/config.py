@@ -66,6 +66,7 @@ class TowerConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     locked: bool = False  # freeze the tower (LiT)
     grad_checkpointing: bool = False
+    pool: str = ""  # hf towers only: "" (model's pooled output, else first token) | cls | mean
 
 
 @dataclass
@@ -107,6 +108,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | path to a checkpoint directory
     tensorboard: bool = True
     wandb: bool = False
+    wandb_project: str = "vlp"  # Weights & Biases project (used when train.wandb=true)
     peak_flops: float = 0.0  # per device; 0: measured matmul peak on CPU, known table on GPU
     dist_timeout_s: int = 600
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # advanced DeepSpeed keys, merged last
@@ -146,6 +148,8 @@ _CHOICES = {
     "model.type": ("clip", "align", "siglip", "albef"),
     "model.vision.kind": ("timm", "hf", "open_clip"),
     "model.text.kind": ("hf", "open_clip"),
+    "model.vision.pool": ("", "cls", "mean"),
+    "model.text.pool": ("", "cls", "mean"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
     "export.format": ("hf", "open_clip", "vlp"),
