@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= clip
-NPROC ?= 2
+NPROC ?=
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -13,7 +13,6 @@ export TOKENIZERS_PARALLELISM ?= false
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
@@ -24,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/vlp demo --model $(MODEL) --nproc $(NPROC)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/vlp demo --model $(MODEL) $(if $(NPROC),--nproc $(NPROC))
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py

@@ -1,0 +1,90 @@
+"""Generated documentation: the README's config reference comes from the schema, so it cannot drift.
+
+`python -m vlp.docs` rewrites the block between the config-reference markers in README.md;
+a test fails when the README and the schema disagree.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import os
+import sys
+import tokenize
+from typing import Dict, List, Tuple
+
+from vlp import config as config_module
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def _field_comments() -> Dict[Tuple[str, str], str]:
+    """(class name, field name) -> the trailing `# comment` of its line in vlp/config.py."""
+    source = inspect.getsource(config_module)
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    out = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    out[(node.name, item.target.id)] = comments.get(item.lineno, "")
+    return out
+
+
+def _rows(cls, prefix: str, comments) -> List[Tuple[str, str, str, str]]:
+    rows = []
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    default_obj = cls()
+    for name, f in hints.items():
+        value = getattr(default_obj, name)
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(value):
+            rows.extend(_rows(type(value), key + ".", comments))
+            continue
+        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        shown = "`\"\"`" if value == "" else f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
+        choices = config_module._CHOICES.get(key)
+        note = comments.get((cls.__name__, name), "")
+        if choices and "|" not in note:
+            note = (note + "; " if note else "") + "one of " + ", ".join(map(str, choices))
+        rows.append((key, typ, shown, note))
+    return rows
+
+
+def config_reference() -> str:
+    """Markdown table of every config key: type, default, meaning."""
+    rows = _rows(config_module.Config, "", _field_comments())
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, typ, default, note in rows:
+        lines.append(f"| `{key}` | {typ} | {default} | {note.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def render_readme(text: str) -> str:
+    if START not in text or END not in text:
+        raise ValueError(f"README lacks the markers {START} / {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{config_reference()}\n{END}{tail}"
+
+
+def main() -> int:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(path) as f:
+        text = f.read()
+    new = render_readme(text)
+    if new != text:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(new)
+        os.replace(tmp, path)
+        print(f"updated {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
