@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if e.name != module:
+            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
                 raise
             continue  # area not built yet
         mod.register(sub)
