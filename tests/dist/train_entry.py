@@ -1,0 +1,181 @@
+"""Test support for the training engine: a tiny CLIP config and loader wrappers, plus a rank entry.
+
+As a script it is what `deepspeed --num_gpus 2 tests/dist/train_entry.py` runs on each rank: the
+real `vlp.train.train` with the real model and DeepSpeed, fed either fixed global batches from a
+file (`--fixed`, each rank takes its slice, so only the distribution differs from one rank) for
+one or more ZeRO stages (`--stages`), or the real data pipeline with a fault injected on one rank
+(`--fault kill|term:RANK:BATCH`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any, Dict, List
+
+import torch
+
+TINY_YAML = """\
+model:
+  type: clip
+  embed_dim: 64
+  vision:
+    kind: timm
+    name: vit_tiny_patch16_224
+    kwargs: {img_size: 32, patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2, mlp_ratio: 2.0}
+  text:
+    kind: open_clip
+    kwargs: {context_length: 16, vocab_size: 49408, width: 64, heads: 2, layers: 2, mlp_ratio: 2.0}
+data:
+  workers: 0
+  shuffle_buffer: 64
+  image_size: 32
+  tokenizer: {kind: open_clip, name: ViT-B-32, context_length: 16}
+train:
+  steps: 30
+  micro_batch_size: 32
+  lr: 5.0e-4
+  warmup_steps: 3
+  weight_decay: 0.1
+  log_every: 1
+  tensorboard: false
+"""
+
+
+def write_tiny_config(path: str) -> str:
+    with open(path, "w") as f:
+        f.write(TINY_YAML)
+    return path
+
+
+class Wrapped:
+    """A loader that delegates state and stats to `inner`; subclasses change what it yields."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.fetched = 0
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd):
+        self.inner.load_state_dict(sd)
+
+    def stats(self):
+        return self.inner.stats() if hasattr(self.inner, "stats") else {}
+
+    def __iter__(self):
+        for batch in self.inner:
+            self.fetched += 1
+            yield self.change(batch)
+
+    def change(self, batch):
+        return batch
+
+
+class Fault(Wrapped):
+    """Send `signum` to this process when fetching batch number `at` (1-based) of this run."""
+
+    def __init__(self, inner, signum: int, at: int):
+        super().__init__(inner)
+        self.signum, self.at = signum, at
+
+    def change(self, batch):
+        if self.fetched == self.at:
+            os.kill(os.getpid(), self.signum)
+        return batch
+
+
+class NaNAt(Wrapped):
+    """Batch number `at` (1-based) gets NaN pixels."""
+
+    def __init__(self, inner, at: int):
+        super().__init__(inner)
+        self.at = at
+
+    def change(self, batch):
+        if self.fetched == self.at:
+            batch = dict(batch, image=torch.full_like(batch["image"], float("nan")))
+        return batch
+
+
+class FixedBatches:
+    """Global batches from a `torch.save`d list. Rank r of w takes rows [r*B/w, (r+1)*B/w) of each
+    and yields them as `chunks` consecutive micro-batches (one optimizer step's accumulation)."""
+
+    def __init__(self, path: str, rank: int, world_size: int, chunks: int = 1):
+        self.batches: List[Dict[str, Any]] = torch.load(path, weights_only=False)
+        self.rank, self.world, self.chunks, self.pos = rank, world_size, chunks, 0
+
+    def __iter__(self):
+        while True:
+            batch = self.batches[self.pos // self.chunks % len(self.batches)]
+            n = len(batch["key"]) // (self.world * self.chunks)
+            lo = (self.rank * self.chunks + self.pos % self.chunks) * n
+            self.pos += 1
+            yield {k: v[lo:lo + n] for k, v in batch.items()}
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, sd):
+        self.pos = sd["pos"]
+
+
+def fixed(path: str):
+    """A `make_loader` for `vlp.train.train` over the global batches in `path`."""
+    return lambda cfg, model, rank, world: FixedBatches(path, rank, world, int(cfg.train.grad_accum))
+
+
+def write_fixed_batches(cfg, path: str, n: int, global_batch: int) -> None:
+    """`n` global batches of the real pipeline (one rank), saved for `FixedBatches`."""
+    from vlp.data import build_train_loader, build_tokenizer
+    from vlp.models import build_model
+
+    model = build_model(cfg.model)
+    loader = build_train_loader(cfg, model.image_cfg, build_tokenizer(cfg.data.tokenizer), 0, 1, batch_size=global_batch)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == n:
+            break
+    torch.save(batches, path)
+
+
+def main(argv=None) -> int:
+    from vlp.config import load_config
+    from vlp.train.cli import _shutdown_after, worker_main
+    from vlp.train.loop import default_loader
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--local_rank", type=int, default=None)
+    p.add_argument("--fixed", help="file of global batches (FixedBatches)")
+    p.add_argument("--runs", default="zero0:train.zero_stage=0",
+                   help="with --fixed: NAME:key=value,key=value ... runs one after the other into OUTPUT_DIR/NAME")
+    p.add_argument("--fault", default="", help="kill|term|int:RANK:BATCH")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+
+    if args.fixed:
+        base = load_config(args.config, args.overrides)
+        for run in args.runs.split():
+            name, _, extra = run.partition(":")
+            overrides = args.overrides + [kv for kv in extra.split(",") if kv] + [f"output_dir={base.output_dir}/{name}"]
+            rc = worker_main(args.config, overrides, make_loader=fixed(args.fixed))
+            if rc:
+                return rc
+        return _shutdown_after(0)
+    kind, fault_rank, at = args.fault.split(":")
+    signum = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[kind]
+
+    def make(c, m, r, w):
+        inner = default_loader(c, m, r, w)
+        return Fault(inner, signum, int(at)) if r == int(fault_rank) else inner
+
+    return _shutdown_after(worker_main(args.config, args.overrides, make_loader=make))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

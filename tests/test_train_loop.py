@@ -1,0 +1,160 @@
+"""The training loop in this process (a world of one): learning, logs, checkpoints, exact resume
+after SIGINT, NaN detection, and config errors raised before any work."""
+import json
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+from train_entry import Fault, NaNAt, fixed, write_fixed_batches, write_tiny_config  # noqa: E402
+
+from vlp.config import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_process_group():
+    """train() initialises a world-of-one process group and env:// variables here: undo both after."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory):
+    return write_tiny_config(str(tmp_path_factory.mktemp("cfg") / "tiny.yaml"))
+
+
+def _cfg(tiny_yaml, data, out, *overrides):
+    return load_config(tiny_yaml, [f"data.train_shards={data}", f"output_dir={out}", *overrides])
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _wrap(cls, *args):
+    from vlp.train.loop import default_loader
+
+    return lambda c, m, r, w: cls(default_loader(c, m, r, w), *args)
+
+
+def test_loss_decreases_and_run_directory_is_complete(tiny_yaml, synth_train, synth_test, tmp_path):
+    from vlp.train import train
+
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_yaml, synth_train, out, "train.steps=30", "train.save_every=10", "train.keep_last=2",
+               "train.tensorboard=true", f"data.eval_shards={synth_test}", "eval.every=20")
+    result = train(cfg)
+    recs = _records(out)
+    assert [r["step"] for r in recs] == list(range(1, 31))
+    losses = [r["loss"] for r in recs]
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
+    for key in ("loss", "contrastive_loss", "lr", "samples_per_s", "tokens_per_s", "flops_per_s", "mfu",
+                "samples_seen", "data/skipped/unreadable_image"):
+        assert key in recs[-1], key
+    assert recs[-1]["samples_seen"] == 30 * 32
+    assert 0 < recs[-1]["mfu"] < 1.5 and recs[-1]["tokens_per_s"] > 0
+    assert recs[0]["lr"] == pytest.approx(5e-4 / 3)  # first warm-up step
+    evals = {r["step"]: r for r in recs if "eval/mean_recall" in r}
+    assert sorted(evals) == [20, 30] and evals[30]["eval/n_images"] == 32  # every 20 steps and at the end
+    assert evals[30]["eval/i2t_r1"] >= 0
+    # checkpoints: step 10 pruned (keep_last=2), 20 and 30 complete, `latest` names 30
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_0000020", "step_0000030"]
+    assert (ckpts / "latest").read_text() == "step_0000030"
+    assert result.checkpoint == str(ckpts / "step_0000030")
+    state = json.loads((ckpts / "step_0000030" / "vlp_state.json").read_text())
+    assert state["step"] == 30 and state["samples_seen"] == 960 and state["world_size"] == 1
+    assert state["loader"][0]["epoch"] >= 1
+    assert (ckpts / "step_0000030" / "vlp_rank0.pt").is_file()
+    assert "micro_batch_size: 32" in (ckpts / "step_0000030" / "config.yaml").read_text()
+    assert "micro_batch_size: 32" in (out / "config.yaml").read_text()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
+    # a rerun with resume=auto finds the run finished and does nothing
+    again = train(cfg)
+    assert again.step == 30 and len(_records(out)) == 30
+
+
+def test_sigint_saves_then_resume_is_exact(tiny_yaml, synth_train, tmp_path):
+    """Ctrl-C mid-epoch -> checkpoint at the next step boundary; resuming reproduces every later loss
+    exactly (fp32 CPU), patch dropout's randomness included."""
+    from vlp.train import train
+
+    common = ["train.steps=9", "train.save_every=4", "train.micro_batch_size=16", "model.patch_dropout=0.25"]
+    ref = tmp_path / "ref"
+    train(_cfg(tiny_yaml, synth_train, ref, *common))
+
+    out = tmp_path / "cut"
+    cfg = _cfg(tiny_yaml, synth_train, out, *common)
+    stopped = train(cfg, _wrap(Fault, signal.SIGINT, 7))  # signal while fetching step 7's batch
+    assert stopped.stopped_by == signal.SIGINT and stopped.step == 7
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000007"
+    state = json.loads((out / "checkpoints" / "step_0000007" / "vlp_state.json").read_text())
+    assert state["step"] == 7 and state["loader"][0]["batches"] == 7 % 4  # 4 batches of 16 per epoch
+    resumed = train(cfg)
+    assert resumed.step == 9 and resumed.stopped_by == 0
+    assert [r["step"] for r in _records(out)] == list(range(1, 10))
+    assert [r["loss"] for r in _records(out)] == [r["loss"] for r in _records(ref)]
+
+
+def test_grad_cache_scores_the_whole_accumulated_batch(tiny_yaml, synth_train, tmp_path):
+    """2 micro-batches of 16 with GradCache train like one batch of 32; plain accumulation does not
+    (its negatives are per micro-batch)."""
+    from vlp.train import train
+
+    common = ["train.steps=5", "train.warmup_steps=1", "train.grad_clip=1.0"]
+    batches = str(tmp_path / "batches.pt")
+    write_fixed_batches(_cfg(tiny_yaml, synth_train, tmp_path / "x", *common), batches, n=5, global_batch=32)
+
+    def losses(name, *extra):
+        train(_cfg(tiny_yaml, synth_train, tmp_path / name, *common, *extra), fixed(batches))
+        return [r["loss"] for r in _records(tmp_path / name)]
+
+    big = losses("big", "train.micro_batch_size=32")
+    cached = losses("cached", "train.micro_batch_size=16", "train.grad_accum=2", "train.grad_cache=true")
+    plain = losses("plain", "train.micro_batch_size=16", "train.grad_accum=2")
+    assert cached == pytest.approx(big, rel=1e-5)
+    assert plain[0] < big[0] - 0.3  # 16-way instead of 32-way softmax
+
+
+def test_nonfinite_loss_stops_with_step_and_keys(tiny_yaml, synth_train, tmp_path):
+    from vlp.train.loop import NonFiniteLossError, train
+
+    out = tmp_path / "nan"
+    cfg = _cfg(tiny_yaml, synth_train, out, "train.steps=10", "train.save_every=2")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3\b.*'synth-train-"):
+        train(cfg, _wrap(NaNAt, 3))
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000002"  # nothing saved after the NaN
+    assert [r["step"] for r in _records(out)] == [1, 2]
+
+
+def test_bad_config_fails_before_any_work(tiny_yaml, synth_train, tmp_path, capsys):
+    from vlp.train.cli import pretrain_main
+
+    out = tmp_path / "never"
+    assert pretrain_main(["--config", tiny_yaml, f"data.train_shards={synth_train}", f"output_dir={out}",
+                          "train.zero_stage=5"]) == 2
+    assert "'train.zero_stage'" in capsys.readouterr().err
+    assert pretrain_main(["--config", tiny_yaml, f"data.train_shards={tmp_path}/missing", f"output_dir={out}"]) == 2
+    assert "'data.train_shards'" in capsys.readouterr().err
+    assert pretrain_main(["--config", tiny_yaml, f"data.train_shards={synth_train}", f"output_dir={out}",
+                          "train.lr_typo=1"]) == 2
+    assert "nearest valid key: 'train.lr'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_path_must_be_a_complete_checkpoint(tiny_yaml, synth_train, tmp_path):
+    from vlp.train.checkpoint import CheckpointError, find_resume
+
+    (tmp_path / "half" / "step_0000004").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="not a complete vlp checkpoint"):
+        find_resume(str(tmp_path), str(tmp_path / "half" / "step_0000004"))
+    assert find_resume(str(tmp_path), "auto") is None
+    assert find_resume(str(tmp_path), "none") is None

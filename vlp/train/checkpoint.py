@@ -1,0 +1,163 @@
+"""Checkpoints: DeepSpeed's files plus our own state, complete only once `latest` names them.
+
+Layout under `output_dir/checkpoints/`:
+
+    step_0000100/            DeepSpeed's model/optimizer/scheduler files (`save_latest=False`)
+        vlp_rank{r}.pt       rank r's data-loader position and RNG states (torch, cuda, numpy, python)
+        config.yaml          the resolved config of the run
+        vlp_state.json       step, samples seen, world size, every rank's loader state; written by
+                             rank 0 after a barrier, so its presence marks the directory complete
+    latest                   name of the newest complete checkpoint, written last by rename
+
+DeepSpeed keeps no RNG state and, under ZeRO 0-2, gives every rank rank 0's `client_state`, so
+per-rank state lives in our own files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from vlp.train.dist import all_gather_object, barrier
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "vlp_state.json"
+LATEST = "latest"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (incomplete, another world size, missing files)."""
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(ckpt_root: str) -> List[str]:
+    """Complete checkpoint directories under `ckpt_root`, oldest first."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = []
+    for name in os.listdir(ckpt_root):
+        m = _TAG.match(name)
+        if m and os.path.isfile(os.path.join(ckpt_root, name, STATE_FILE)):
+            found.append((int(m.group(1)), os.path.join(ckpt_root, name)))
+    return [p for _, p in sorted(found)]
+
+
+def find_resume(output_dir: str, resume: str) -> Optional[str]:
+    """The checkpoint to resume from: `none` -> None; `auto` -> `latest` (else the newest complete
+    one, else None); a path -> that checkpoint, which must be complete."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = resume.rstrip("/")
+        if os.path.isfile(os.path.join(path, LATEST)) and not os.path.isfile(os.path.join(path, STATE_FILE)):
+            path = os.path.join(path, open(os.path.join(path, LATEST)).read().strip())
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):
+            raise CheckpointError(f"train.resume={resume!r}: {path} is not a complete vlp checkpoint "
+                                  f"(no {STATE_FILE}); give a checkpoints/step_XXXXXXX directory")
+        return path
+    root = os.path.join(output_dir, CHECKPOINTS)
+    marker = os.path.join(root, LATEST)
+    if os.path.isfile(marker):
+        path = os.path.join(root, open(marker).read().strip())
+        if os.path.isfile(os.path.join(path, STATE_FILE)):
+            return path
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def save(engine, output_dir: str, step: int, samples_seen: int, loader_state: Any, config_yaml: str,
+         rank: int, world_size: int, keep_last: int) -> str:
+    """Collective: every rank calls it at the same step boundary. Returns the checkpoint directory."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    tag = step_tag(step)
+    path = os.path.join(root, tag)
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.isdir(path):  # a leftover from a run that died while saving this step
+            shutil.rmtree(path)
+    barrier()
+    engine.save_checkpoint(root, tag=tag, client_state={"vlp_step": step}, save_latest=False)
+    torch.save({"rank": rank, "loader": loader_state, "rng": rng_state()},
+               os.path.join(path, f"vlp_rank{rank}.pt.tmp"))
+    os.replace(os.path.join(path, f"vlp_rank{rank}.pt.tmp"), os.path.join(path, f"vlp_rank{rank}.pt"))
+    loader_states = all_gather_object(loader_state)  # also the barrier after every rank's files
+    if rank == 0:
+        write_atomic(os.path.join(path, "config.yaml"), config_yaml.encode())
+        state = {"step": step, "samples_seen": samples_seen, "world_size": world_size, "time": time.time(),
+                 "loader": loader_states}
+        write_atomic(os.path.join(path, STATE_FILE), json.dumps(state, indent=1, default=str).encode())
+        write_atomic(os.path.join(root, LATEST), tag.encode())
+        prune(root, keep_last)
+    barrier()
+    return path
+
+
+def prune(ckpt_root: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and incomplete older ones (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    done = complete_checkpoints(ckpt_root)
+    keep = set(done[-keep_last:])
+    newest = int(_TAG.match(os.path.basename(done[-1])).group(1)) if done else -1
+    for name in os.listdir(ckpt_root):
+        m = _TAG.match(name)
+        full = os.path.join(ckpt_root, name)
+        if m and full not in keep and int(m.group(1)) < newest:
+            shutil.rmtree(full, ignore_errors=True)
+
+
+def load(engine, path: str, rank: int, world_size: int) -> Dict[str, Any]:
+    """Collective: restore engine (model, optimizer, LR schedule) and return our state for this rank."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise CheckpointError(f"{path} was written by {state['world_size']} ranks, this run has {world_size}: "
+                              "exact resume needs the same world size (data position and RNG are per rank)")
+    mine = os.path.join(path, f"vlp_rank{rank}.pt")
+    if not os.path.isfile(mine):
+        raise CheckpointError(f"{path} has no {os.path.basename(mine)}: the checkpoint is incomplete")
+    load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {path}")
+    ours = torch.load(mine, map_location="cpu", weights_only=False)
+    return {"step": state["step"], "samples_seen": state["samples_seen"], "loader": ours["loader"], "rng": ours["rng"]}
+
+
+__all__ = ["CheckpointError", "write_atomic", "find_resume", "save", "load", "prune", "complete_checkpoints", "step_tag",
+           "rng_state", "set_rng_state", "CHECKPOINTS", "LATEST", "STATE_FILE"]

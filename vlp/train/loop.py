@@ -1,0 +1,366 @@
+"""The training loop: DeepSpeed steps, per-step agreement between ranks, logs and checkpoints.
+
+One optimizer step = `train.grad_accum` micro-batches of `train.micro_batch_size` per rank. By
+default the contrastive negatives of each forward are the micro-batch gathered over ranks
+(`micro_batch_size x world_size`), not the whole accumulated batch: accumulation grows the batch
+the optimizer averages over, not the similarity matrix. `train.grad_cache=true` (dual encoders)
+scores the whole accumulated batch instead (`micro_batch_size x grad_accum x world_size`
+negatives) for about one extra forward per micro-batch; see `vlp.train.grad_cache`.
+
+With `eval.every > 0`, zero-shot retrieval on `data.eval_shards` runs every that many steps (and
+at the end) through `vlp.eval`, logged as `eval/*` in the same records.
+
+At every step boundary the ranks all-reduce one small vector (loss, metrics, token count,
+non-finite flag, stop flag), so they stop together: on a non-finite loss (reported with the step
+and the batch keys, no checkpoint written) or after SIGINT/SIGTERM (a checkpoint is written first).
+Resume restores model, optimizer, schedule, each rank's data position and RNG states, so on CPU
+fp32 the losses after a resume equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from vlp.config import ConfigError, to_dict, to_yaml
+from vlp.train import checkpoint as ckpt
+from vlp.train.dist import DistInfo, StopRequest, all_gather_object, all_reduce_sum, setup_distributed
+from vlp.train.ds_config import deepspeed_config, resolve_precision
+from vlp.train.grad_cache import check_model, grad_cache_step
+from vlp.train.metrics import MetricsWriter, check_wandb, peak_flops
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: names the step and the keys of the offending batches."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    samples_seen: int
+    checkpoint: Optional[str] = None
+    stopped_by: int = 0  # signal number when a SIGINT/SIGTERM ended the run early
+    last: Dict[str, Any] = field(default_factory=dict)  # the last logged record
+
+
+def check_before_work(cfg: DictConfig) -> None:
+    """Everything that can be checked without starting processes or building the model."""
+    t = cfg.train
+    if cfg.eval.every and not cfg.data.eval_shards:
+        raise ConfigError("eval.every > 0 needs data.eval_shards (the held-out shards for retrieval)")
+    for key in ("keep_last", "dist_timeout_s", "peak_flops", "min_lr"):
+        if t[key] < 0:
+            raise ConfigError(f"bad value for 'train.{key}': must be >= 0, got {t[key]}")
+    if t.dist_timeout_s == 0:
+        raise ConfigError("bad value for 'train.dist_timeout_s': must be > 0 seconds")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"bad value for 'train.min_lr': {t.min_lr} is above train.lr={t.lr}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"bad value for 'train.betas': {list(t.betas)}; want two values in [0, 1)")
+    if t.warmup_steps > t.steps:
+        raise ConfigError(f"bad value for 'train.warmup_steps': {t.warmup_steps} exceeds train.steps={t.steps}")
+    check_wandb(t.wandb)
+    resolve_precision(t.precision)
+    deepspeed_config(cfg, 1)  # rejects train.deepspeed keys that contradict ours
+    _check_shards(cfg)
+
+
+def _check_shards(cfg: DictConfig) -> None:
+    from data_pipelines.shardspec import InputError, expand_shards
+
+    specs = [("data.train_shards", cfg.data.train_shards)] if cfg.data.train_shards else []
+    specs += [(f"data.sources[{i}].shards", s.shards) for i, s in enumerate(cfg.data.sources)]
+    if not specs:
+        raise ConfigError("no training data: set data.train_shards (a directory, brace pattern or '::' list) "
+                          "or data.sources")
+    if cfg.eval.every:
+        specs.append(("data.eval_shards", cfg.data.eval_shards))
+    for key, spec in specs:
+        try:
+            expand_shards(spec)
+        except InputError as e:
+            raise ConfigError(f"'{key}': {e}") from None
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _to_device(batch: Dict[str, Any], device: torch.device, float_dtype: torch.dtype) -> Dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point():
+                v = v.to(float_dtype)
+        out[k] = v
+    return out
+
+
+def _scalar_metrics(out: Dict[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
+    """The model output's named scalars (`loss` and e.g. each objective's loss), detached, on `device`."""
+    res = {}
+    for k, v in out.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            res[k] = torch.tensor(float(v), device=device)
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            res[k] = v.detach().float().reshape(()).to(device)
+    return res
+
+
+class _Batches:
+    """Endless micro-batches from a loader that may end per epoch.
+
+    Fetching runs under `fork_rng`: whatever the loader draws from torch's global generator (a
+    DataLoader draws its base seed when an epoch's iterator starts) leaves the training stream
+    alone, so a resumed run's model randomness matches an uninterrupted one. Loaders must seed
+    their own randomness (ours does, from seed, epoch, rank and worker).
+    """
+
+    def __init__(self, loader: Iterable, device: torch.device):
+        self.loader = loader
+        self.it = None
+        self.devices = [device] if device.type == "cuda" else []
+
+    def _next(self) -> Dict[str, Any]:
+        if self.it is None:
+            self.it = iter(self.loader)
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            try:
+                return next(self.it)
+            except StopIteration:
+                raise RuntimeError("the training loader yielded no batch for a whole epoch: too few samples "
+                                   "per rank for train.micro_batch_size?") from None
+
+    def next(self) -> Dict[str, Any]:
+        with torch.random.fork_rng(devices=self.devices):
+            return self._next()
+
+
+_SUMMED = ("samples", "batches", "repeated", "skipped/", "mix_counts/")  # loader counters added over ranks
+
+
+def _loader_stats(loader, device: torch.device) -> Dict[str, float]:
+    """The loader's numeric stats, nested dicts flattened to `a/b`; counters summed over ranks,
+    the rest (epoch, per-epoch sizes, mix fractions) as rank 0 sees them."""
+    flat = {k: float(v) for k, v in sorted(_flat(loader.stats() if hasattr(loader, "stats") else {}, sep="/").items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    summed = [k for k in flat if any(k == p or (p.endswith("/") and k.startswith(p)) for p in _SUMMED)]
+    for k, v in zip(summed, all_reduce_sum([flat[k] for k in summed], device) if summed else []):
+        flat[k] = v
+    return flat
+
+
+def _warn_config_changes(checkpoint: str, cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    path = os.path.join(checkpoint, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    old = _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    new = _flat(to_dict(cfg))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "train.resume")
+    if changed:
+        print(f"vlp train: warning: config differs from the checkpoint's in {', '.join(changed)}",
+              file=sys.stderr, flush=True)
+
+
+def _flat(d: Any, prefix: str = "", sep: str = ".") -> Dict[str, Any]:
+    if not isinstance(d, dict) or not d:
+        return {prefix[:-len(sep)] if prefix else "": d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}{sep}", sep))
+    return out
+
+
+def default_loader(cfg: DictConfig, model: torch.nn.Module, rank: int, world_size: int):
+    """The data pipeline's loader for this rank, with the tokenizer checked against the text tower."""
+    from vlp.data import build_train_loader
+    from vlp.data.tokenizers import build_tokenizer
+    from vlp.models import check_tokenizer
+
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    check_tokenizer(model, tokenizer)
+    return build_train_loader(cfg, model.image_cfg, tokenizer, rank, world_size)
+
+
+def train(cfg: DictConfig, make_loader: Optional[Callable] = None) -> TrainResult:
+    """Train `cfg` on this process's rank; every rank calls it.
+
+    `make_loader(cfg, model, rank, world_size)` (default: `default_loader`) returns an iterable of
+    micro-batches with `state_dict()`/`load_state_dict()` (and optionally `stats()`).
+    """
+    check_before_work(cfg)
+    t = cfg.train
+    info = setup_distributed(int(t.dist_timeout_s))
+    rank, world = info.rank, info.world_size
+    precision = resolve_precision(t.precision)
+    float_dtype = _DTYPES[precision]
+    out_dir = cfg.output_dir
+    config_yaml = to_yaml(cfg)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        ckpt.write_atomic(os.path.join(out_dir, "config.yaml"), config_yaml.encode())
+
+    from vlp.models import build_model, flops_per_sample, param_groups
+
+    _seed_all(int(t.seed))  # same seed on every rank: identical initial weights
+    model = build_model(cfg.model)
+    if t.grad_cache:
+        check_model(model)
+    image_size = int(cfg.data.image_size or model.image_cfg["size"])
+    ds_cfg = deepspeed_config(cfg, world, n_params=sum(p.numel() for p in model.parameters()))
+    groups = param_groups(model, float(t.weight_decay))
+    from vlp.train.engine import build_engine
+
+    # counted on the whole model, before ZeRO-3 partitions its weights
+    flops_sample = float(flops_per_sample(model, image_size, int(cfg.data.tokenizer.context_length)))
+    engine, optimizer, scheduler = build_engine(model, groups, cfg, ds_cfg, info.device)
+    loader = (make_loader or default_loader)(cfg, model, rank, world)
+    peak = all_reduce_sum([peak_flops(float(t.peak_flops), info.device, float_dtype)], info.device)[0]
+
+    step, samples_seen = 0, 0
+    resume_from = ckpt.find_resume(out_dir, t.resume)
+    if resume_from is not None:
+        state = ckpt.load(engine, resume_from, rank, world)
+        step, samples_seen = state["step"], state["samples_seen"]
+        loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"vlp train: resumed from {resume_from} at step {step}", file=sys.stderr, flush=True)
+            _warn_config_changes(resume_from, cfg)
+    else:
+        _seed_all(int(t.seed) + rank)  # per-rank streams for dropout and the like
+    # the schedule follows the current config, whatever the checkpoint's base lr was
+    scheduler.base_lrs = [float(t.lr)] * len(scheduler.base_lrs)
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = float(t.lr) * fn(scheduler.last_epoch)
+
+    wandb_cfg = {"project": t.wandb_project, "config": to_dict(cfg)} if t.wandb else None
+    writer = MetricsWriter(out_dir, rank, step, t.tensorboard, wandb_cfg)
+    result = TrainResult(step=step, samples_seen=samples_seen)
+    try:
+        with StopRequest() as stop:
+            result = _run(cfg, engine, optimizer, loader, writer, info, stop, step, samples_seen, float_dtype,
+                          flops_sample, peak, config_yaml)
+    finally:
+        writer.close()
+    return result
+
+
+def _evaluate(model, cfg: DictConfig, info: DistInfo) -> Dict[str, float]:
+    """Retrieval on data.eval_shards with the live model (collective), off the training RNG stream."""
+    from vlp.eval.evaluate import run_retrieval_eval
+
+    with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
+        res = run_retrieval_eval(model, cfg, info.rank, info.world_size)
+    return {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _run(cfg, engine, optimizer, loader, writer, info: DistInfo, stop: StopRequest, step: int, samples_seen: int,
+         float_dtype, flops_sample: float, peak: float, config_yaml: str) -> TrainResult:
+    from tqdm import tqdm
+
+    t = cfg.train
+    rank, world = info.rank, info.world_size
+    ga, mb = int(t.grad_accum), int(t.micro_batch_size)
+    grad_cache = bool(t.grad_cache) and ga > 1  # with one micro-batch it is the plain step
+    batches = _Batches(loader, info.device)
+    bar = tqdm(total=int(t.steps), initial=step, disable=rank != 0, dynamic_ncols=True, mininterval=1.0,
+               unit="step", file=sys.stderr)
+    result = TrainResult(step=step, samples_seen=samples_seen)
+    window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+    while step < t.steps:
+        lr = optimizer.param_groups[0]["lr"]
+        metrics: List[Dict[str, torch.Tensor]] = []
+        keys: List[List[str]] = []
+        tokens = torch.zeros((), device=info.device)
+        chunks = []
+        for _ in range(ga):
+            batch = batches.next()
+            keys.append(list(batch.get("key", [])))
+            batch = _to_device(batch, info.device, float_dtype)
+            if "text_mask" in batch:
+                tokens += batch["text_mask"].sum()
+            if grad_cache:
+                chunks.append(batch)
+                continue
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            metrics.append(_scalar_metrics(out, info.device))
+        if grad_cache:  # one loss over all chunks
+            metrics.append(_scalar_metrics(grad_cache_step(engine, chunks, info.device), info.device))
+            keys = [[k for ks in keys for k in ks]]
+        if hasattr(engine.module, "after_step"):
+            engine.module.after_step()
+        step += 1
+        samples_seen += mb * ga * world
+        names = sorted(k for k in metrics[0] if k != "loss")
+        per_micro = torch.stack([torch.stack([m["loss"]] + [m[k] for k in names]) for m in metrics]).cpu()
+        finite = torch.isfinite(per_micro[:, 0]).tolist()
+        bad_local = [k for k, ok in zip(keys, finite) if not ok]
+        vec = per_micro.mean(0).tolist() + [float(tokens), float(bool(bad_local)), float(stop.signum != 0)]
+        red = all_reduce_sum(vec, info.device)
+        loss = red[0] / world
+        if red[-2] > 0:
+            bad = [k for per_rank in all_gather_object(bad_local) for ks in per_rank for k in ks]
+            raise NonFiniteLossError(f"non-finite loss at step {step} (mean over ranks: {loss}); "
+                                     f"keys of the batches with a non-finite loss: {bad}")
+        stopping = red[-1] > 0
+        window_steps += 1
+        window_tokens += red[len(names) + 1]
+        bar.update(1)
+        evals: Dict[str, float] = {}
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == t.steps):
+            t_eval = time.perf_counter()
+            evals = _evaluate(engine.module, cfg, info)
+            window_t0 += time.perf_counter() - t_eval  # keep eval time out of the throughput figures
+            if rank == 0:
+                bar.write(f"step {step}: retrieval " + ", ".join(f"{k}={evals[k]:.3f}" for k in
+                                                                   ("i2t_r1", "t2i_r1", "mean_recall") if k in evals))
+        if step % t.log_every == 0 or step == t.steps or stopping or evals:
+            stats = _loader_stats(loader, info.device)
+            dt = max(time.perf_counter() - window_t0, 1e-9)
+            sps = window_steps * mb * ga * world / dt
+            record = {"step": step, "loss": loss}
+            record.update({k: red[1 + i] / world for i, k in enumerate(names)})
+            record.update({"lr": lr, "samples_per_s": sps, "tokens_per_s": window_tokens / dt,
+                           "flops_per_s": sps * flops_sample, "mfu": sps * flops_sample / peak if peak else 0.0,
+                           "samples_seen": samples_seen})
+            record.update({f"data/{k}": v for k, v in stats.items()})
+            record.update({f"eval/{k}": v for k, v in evals.items()})
+            writer.log(record)
+            result.last = record
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{sps:.1f}", refresh=False)
+            window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+        if stopping or step == t.steps or (t.save_every and step % t.save_every == 0):
+            result.checkpoint = ckpt.save(engine, cfg.output_dir, step, samples_seen, loader.state_dict(),
+                                          config_yaml, rank, world, int(t.keep_last))
+        if stopping:
+            result.stopped_by = stop.signum or signal.SIGTERM
+            break
+    bar.close()
+    if result.checkpoint is None:  # resumed at the final step: nothing was left to do
+        result.checkpoint = ckpt.find_resume(cfg.output_dir, "auto")
+    result.step, result.samples_seen = step, samples_seen
+    return result
+
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "check_before_work"]

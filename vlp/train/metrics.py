@@ -1,0 +1,117 @@
+"""Training metrics: `metrics.jsonl`, TensorBoard, optional Weights & Biases, and the FLOP peak for MFU.
+
+Only rank 0 writes. On resume the records after the checkpoint's step (written by the run that
+died) are dropped, then new ones are appended, so the file holds one record per logged step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+
+from vlp.config import ConfigError
+
+# dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, by a substring of the device name
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def check_wandb(enabled: bool) -> None:
+    if enabled:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.wandb=true but wandb is not installed: `pip install wandb`, "
+                              "or set train.wandb=false") from None
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
+                        reps: int = 5) -> float:
+    """FLOP/s of a square matmul on this process's share of the device (a short timing, ~0.1-1 s on CPU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(configured: float, device: torch.device, dtype: torch.dtype) -> float:
+    """`train.peak_flops` if set; a known GPU's bf16/fp16 peak; else a measured matmul peak."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16.items():
+            if key in name:
+                return value
+    # the measurement must not disturb the training RNG streams
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return measure_matmul_peak(device, dtype, n=4096 if device.type == "cuda" else 1024)
+
+
+class MetricsWriter:
+    """Rank 0's sinks for one record per logged step; a no-op object on other ranks."""
+
+    def __init__(self, output_dir: str, rank: int, start_step: int, tensorboard: bool, wandb_cfg: Optional[Dict[str, Any]]):
+        self.active = rank == 0
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.tb = self.wandb = None
+        if not self.active:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._drop_after(start_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=start_step + 1 if start_step else None)
+        if wandb_cfg is not None:
+            import wandb
+
+            id_file = os.path.join(output_dir, "wandb_id")
+            run_id = open(id_file).read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
+            with open(id_file, "w") as f:
+                f.write(run_id)
+            self.wandb = wandb.init(id=run_id, resume="allow", dir=output_dir, **wandb_cfg)
+
+    def _drop_after(self, step: int) -> None:
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        if len(keep) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+__all__ = ["MetricsWriter", "measure_matmul_peak", "peak_flops", "check_wandb"]
