@@ -1,0 +1,184 @@
+"""Evaluation sets: WebDataset shards or a Karpathy split JSON, read in a fixed order, split by rank.
+
+Every sample gets a global index (its position in the stream); rank r of W takes the indices with
+`index % W == r`, DataLoader workers split a rank's share further, and results are put back in index
+order after gathering, so any number of ranks and workers gives the same numbers as one process.
+Each rank and worker reads the whole record stream but decodes only its share (reading tar bytes is
+cheap next to JPEG decoding and encoding). Bad samples are not dropped silently: each is returned as a skip with its reason
+(`no_image`, `bad_image`, `no_caption`, `bad_caption`, `no_label`, `bad_json`) and counted.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlp.data.shards import expand_shards
+
+IMAGE_KEYS = "jpg;jpeg;png;webp"
+CAPTION_KEY = "txt"
+
+
+def _shard_records(spec: str, what: str) -> Iterator[Dict[str, Any]]:
+    for sample in wds.tarfile_samples([{"url": u} for u in expand_shards(spec, what)]):
+        yield sample
+
+
+def _karpathy_records(path: str, images_dir: Optional[str], split: str) -> Iterator[Dict[str, Any]]:
+    """Karpathy split JSON (`{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}`):
+    one record per image of `split`, all its sentences joined one per line as the caption."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{path}: not a Karpathy split file (expected a top-level 'images' list)")
+    root = images_dir or os.path.dirname(os.path.abspath(path))
+    entries = [e for e in data["images"] if e.get("split") == split]
+    if not entries:
+        splits = sorted({str(e.get("split")) for e in data["images"]})
+        raise ValueError(f"{path}: no images with split {split!r}; splits present: {', '.join(splits)}")
+    for e in entries:
+        name = e.get("filename", "")
+        file = os.path.join(root, e.get("filepath", ""), name)
+        sentences = [s.get("raw", "") if isinstance(s, dict) else str(s) for s in e.get("sentences", [])]
+        yield {"__key__": os.path.splitext(name)[0] or str(e.get("imgid", "")), "__path__": file,
+               "txt": "\n".join(sentences), "json": {k: v for k, v in e.items() if k != "sentences"}}
+
+
+def iter_records(data: str, images_dir: Optional[str] = None, split: str = "test",
+                 what: str = "--data") -> Iterator[Dict[str, Any]]:
+    """Raw samples of an eval set in a fixed order: shards (a spec as `vlp.data.shards` reads it:
+    directory, brace pattern, '::' list, URL), or a Karpathy JSON (`*.json`). `what` names the
+    option in errors."""
+    if data.endswith(".json"):
+        if not os.path.isfile(data):
+            raise FileNotFoundError(f"{what}: Karpathy split file {data!r} does not exist")
+        return _karpathy_records(data, images_dir, split)
+    expand_shards(data, what)  # fail now, in the caller, on a bad spec
+    return _shard_records(data, what)
+
+
+def decode_image(rec: Dict[str, Any], image_keys: List[str]):
+    """PIL RGB image of a record, or a skip reason."""
+    if "__path__" in rec:
+        if not os.path.isfile(rec["__path__"]):
+            return None, "no_image"
+        with open(rec["__path__"], "rb") as f:
+            raw = f.read()
+    else:
+        raw = next((rec[k] for k in image_keys if k in rec), None)
+        if raw is None:
+            return None, "no_image"
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+        return img.convert("RGB"), None
+    except Exception:  # PIL raises many types for corrupt data; the sample is counted as skipped
+        return None, "bad_image"
+
+
+def split_captions(value: Any) -> Optional[List[str]]:
+    """Caption field -> list of captions (one per non-empty line); None when not valid UTF-8."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return [line.strip() for line in str(value).splitlines() if line.strip()]
+
+
+def record_meta(rec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The record's json metadata as a dict ({} when absent, None when unparsable)."""
+    value = rec.get("json")
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    try:
+        meta = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+class EvalDataset(IterableDataset):
+    """This rank's (and DataLoader worker's) share of an eval set, preprocessed.
+
+    Yields dicts with `index`, `key`, and either `skip` (a reason) or `image` (tensor) plus
+    `captions` (retrieval) or `label` (when `label_fn` is given: record -> class index or a skip reason).
+    """
+
+    def __init__(self, data: str, preprocess: Callable, rank: int = 0, world_size: int = 1,
+                 label_fn: Optional[Callable[[Dict[str, Any]], Any]] = None, images_dir: Optional[str] = None,
+                 split: str = "test", image_key: str = IMAGE_KEYS, caption_key: str = CAPTION_KEY,
+                 max_samples: int = 0, what: str = "--data"):
+        super().__init__()
+        if data.endswith(".json") and not os.path.isfile(data):
+            raise FileNotFoundError(f"{what}: Karpathy split file {data!r} does not exist")
+        if not data.endswith(".json"):
+            expand_shards(data, what)  # a bad spec fails here, before any worker starts
+        self.what = what
+        self.data, self.preprocess, self.rank, self.world_size = data, preprocess, rank, world_size
+        self.label_fn, self.images_dir, self.split = label_fn, images_dir, split
+        self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
+        self.caption_key, self.max_samples = caption_key.lower(), max_samples
+
+    def _prepare(self, index: int, rec: Dict[str, Any]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"index": index, "key": rec.get("__key__", str(index))}
+        if self.label_fn is not None:
+            label = self.label_fn(rec)
+            if isinstance(label, str):
+                return {**out, "skip": label}
+            out["label"] = int(label)
+        else:
+            if self.caption_key not in rec:
+                return {**out, "skip": "no_caption"}
+            captions = split_captions(rec[self.caption_key])
+            if captions is None:
+                return {**out, "skip": "bad_caption"}
+            if not captions:
+                return {**out, "skip": "no_caption"}
+            out["captions"] = captions
+        img, reason = decode_image(rec, self.image_keys)
+        if reason:
+            return {**out, "skip": reason}
+        out["image"] = self.preprocess(img)
+        return out
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for index, rec in enumerate(iter_records(self.data, self.images_dir, self.split, self.what)):
+            if self.max_samples and index >= self.max_samples:
+                break
+            if index % self.world_size != self.rank or (index // self.world_size) % nw != wid:
+                continue
+            yield self._prepare(index, rec)
+
+
+def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Batch of eval items: valid ones stacked, skips listed as (index, key, reason)."""
+    ok = [it for it in items if "skip" not in it]
+    batch: Dict[str, Any] = {
+        "index": [it["index"] for it in ok], "key": [it["key"] for it in ok],
+        "image": torch.stack([it["image"] for it in ok]) if ok else None,
+        "skipped": [(it["index"], it["key"], it["skip"]) for it in items if "skip" in it],
+    }
+    if ok and "captions" in ok[0]:
+        batch["text"] = [it["captions"] for it in ok]
+    if ok and "label" in ok[0]:
+        batch["label"] = torch.tensor([it["label"] for it in ok], dtype=torch.long)
+    return batch
+
+
+def eval_loader(dataset: EvalDataset, batch_size: int, workers: int = 0) -> DataLoader:
+    """DataLoader over an EvalDataset; with workers, batches arrive in worker order (indices restore it)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch size must be > 0, got {batch_size}")
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                      persistent_workers=False)

@@ -1,0 +1,154 @@
+"""Zero-shot image-text retrieval on an eval set, for the CLI and for the trainer's periodic eval.
+
+`evaluate_retrieval` is independent of how the model was loaded: it takes a model-like, a tokenizer
+returning (ids, mask) and an image `preprocess`. `run_retrieval_eval` is the in-training hook.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from vlp.eval.data import CAPTION_KEY, IMAGE_KEYS, EvalDataset, eval_loader
+from vlp.eval.encode import encode_local, gather_encoded, skip_counts
+from vlp.eval.rerank import rerank
+from vlp.eval.retrieval import DEFAULT_KS, metrics_from_ranks, retrieval_ranks
+
+REPORT_TOPK = 5
+
+
+def _examples(enc: Dict[str, Any], top: torch.Tensor, t2i_ranks: torch.Tensor, n: int) -> list:
+    """A few text->image queries spread over the set, with their top retrieved images."""
+    n_txt = len(enc["texts"])
+    picks = sorted(set(np.linspace(0, n_txt - 1, min(n, n_txt)).round().astype(int).tolist())) if n else []
+    out = []
+    for t in picks:
+        j = int(enc["txt2img"][t])
+        cand = top[t, :REPORT_TOPK].tolist()
+        out.append({"text": enc["texts"][t], "rank": int(t2i_ranks[t]), "image_key": enc["key"][j],
+                    "image_stream_index": enc["index"][j], "top_keys": [enc["key"][c] for c in cand],
+                    "top_stream_index": [enc["index"][c] for c in cand], "top_correct": [c == j for c in cand]})
+    return out
+
+
+def _partitioned(model) -> list:
+    """Parameters DeepSpeed ZeRO-3 has partitioned across ranks (empty locally)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")] if hasattr(model, "parameters") else []
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() for the duration, then the previous train/eval mode."""
+    if _partitioned(model):
+        raise ValueError("the model's weights are partitioned by ZeRO-3; evaluate an unpartitioned copy "
+                         "(run_retrieval_eval makes one from cfg.model)")
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
+def unpartitioned_copy(model, model_cfg):
+    """A full copy of a ZeRO-3 partitioned model, rebuilt from `model_cfg` (collective: all ranks call).
+
+    Encoding under ZeRO-3's hooks would all-gather weights at every forward, and ranks with different
+    numbers of eval batches would then wait on each other forever; a plain copy has no hooks.
+    """
+    import deepspeed
+
+    from vlp.export.build import build_without_pretrained
+
+    params = _partitioned(model)
+    copy = build_without_pretrained(model_cfg)  # the weights come from the engine, not from the hub
+    keys = set(copy.state_dict())  # persistent entries only
+    with deepspeed.zero.GatheredParameters(params):
+        state = {n: p.detach().clone() for n, p in model.named_parameters() if n in keys}
+    state.update({n: b.detach().clone() for n, b in model.named_buffers() if n in keys})
+    copy.load_state_dict(state, strict=True)
+    return copy.to(params[0].device)
+
+
+def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: Optional[str] = None,
+                       split: str = "test", batch_size: int = 64, workers: int = 0, rerank_k: int = 0,
+                       max_samples: int = 0, image_key: str = IMAGE_KEYS, caption_key: str = CAPTION_KEY,
+                       rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None,
+                       progress: bool = True, n_examples: int = 4, ks=DEFAULT_KS,
+                       what: str = "--data") -> Dict[str, Any]:
+    """Image<->text retrieval metrics over `data` (shard spec or Karpathy JSON); every rank returns the
+    same dict. `rerank_k > 0` needs `model.match_scores` and adds ITM re-ranked metrics (`reranked`)."""
+    if rerank_k and not hasattr(model, "match_scores"):
+        raise ValueError(f"rerank_k={rerank_k} needs a fusion model with match_scores; "
+                         f"{type(model).__name__} has none (use rerank_k=0)")
+    device = device or torch.device("cpu")
+    ds = EvalDataset(data, preprocess, rank, world_size, images_dir=images_dir, split=split,
+                     image_key=image_key, caption_key=caption_key, max_samples=max_samples, what=what)
+    with eval_mode(model):
+        local = encode_local(model, tokenizer, eval_loader(ds, batch_size, workers), device, batch_size,
+                             keep_pixels=rerank_k > 0, progress=progress and rank == 0, desc="retrieval")
+        enc = gather_encoded(local, world_size)
+        skipped = skip_counts(enc["skipped"])
+        if not enc["index"]:
+            raise ValueError(f"no evaluable samples in {data!r}: {len(enc['skipped'])} read, all skipped {skipped}")
+        ranks = retrieval_ranks(enc["img"], enc["txt"], enc["txt2img"], topk=max(rerank_k, REPORT_TOPK))
+        result: Dict[str, Any] = {"metrics": metrics_from_ranks(ranks["i2t_ranks"], ranks["t2i_ranks"], ks)}
+        if rerank_k:
+            rr = rerank(model, tokenizer, {**ranks, "i2t_topk": ranks["i2t_topk"][:, :rerank_k],
+                                           "t2i_topk": ranks["t2i_topk"][:, :rerank_k]},
+                        enc["txt2img"], local["pixels"], enc["index"], enc["texts"], rank, world_size, device,
+                        batch_size)
+            result["reranked"] = metrics_from_ranks(rr["i2t_ranks"], rr["t2i_ranks"], ks)
+            result["rerank_k"] = rerank_k
+    result.update({
+        "n_images": len(enc["index"]), "n_texts": len(enc["texts"]),
+        "n_samples_read": len(enc["index"]) + len(enc["skipped"]), "n_skipped": len(enc["skipped"]),
+        "skipped": skipped, "skipped_examples": [{"key": k, "reason": r} for _, k, r in enc["skipped"][:20]],
+        "examples": _examples(enc, ranks["t2i_topk"], ranks["t2i_ranks"], n_examples),
+    })
+    return result
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(kind: str, name: str, context_length: int):
+    from omegaconf import OmegaConf
+
+    from vlp.config import TokenizerConfig
+    from vlp.data.tokenizers import build_tokenizer
+
+    return build_tokenizer(OmegaConf.structured(TokenizerConfig(kind=kind, name=name, context_length=context_length)))
+
+
+def run_retrieval_eval(model, cfg, rank: int = 0, world_size: int = 1) -> Dict[str, float]:
+    """In-training hook: retrieval on `cfg.data.eval_shards` with the live model (`engine.module`).
+
+    Collective: every rank must call it. A ZeRO-3 partitioned model is evaluated through a full copy
+    (`unpartitioned_copy`), so ranks never wait on each other inside the encoders. Returns flat metrics (`i2t_r1`, ..., `mean_recall`, ranks,
+    `reranked_*` for fusion models, `n_images`, `n_texts`, `n_skipped`), identical on every rank.
+    """
+    from vlp.eval.load import image_cfg_for
+    from vlp.eval.preprocess import eval_transform
+
+    if not cfg.data.eval_shards:
+        raise ValueError("eval.every > 0 needs data.eval_shards (a shard spec of the held-out set)")
+    tok_cfg = cfg.data.tokenizer
+    tokenizer = _tokenizer(tok_cfg.kind, tok_cfg.name, tok_cfg.context_length)
+    image_cfg = image_cfg_for(model.image_cfg, cfg.data)
+    device = next(model.parameters()).device
+    if _partitioned(model):
+        model = unpartitioned_copy(model, cfg.model)
+    rerank_k = cfg.eval.rerank_k if hasattr(model, "match_scores") else 0
+    res = evaluate_retrieval(model, tokenizer, eval_transform(image_cfg), cfg.data.eval_shards,
+                             batch_size=cfg.eval.batch_size, workers=cfg.data.workers, rerank_k=rerank_k,
+                             max_samples=cfg.eval.max_samples, image_key=cfg.data.image_key,
+                             caption_key=cfg.data.caption_key, rank=rank, world_size=world_size, device=device,
+                             progress=False, n_examples=0, what="data.eval_shards")
+    flat = dict(res["metrics"])
+    flat.update({f"reranked_{k}": v for k, v in res.get("reranked", {}).items()})
+    flat.update(n_images=res["n_images"], n_texts=res["n_texts"], n_skipped=res["n_skipped"])
+    return flat

@@ -1,0 +1,58 @@
+"""ITM re-ranking for fusion models: re-score each query's top-k ITC candidates with `match_scores`.
+
+ALBEF (Li et al., "Align before Fuse", NeurIPS 2021, Sec. 4 / appendix) retrieves the top-k
+candidates by image-text contrastive similarity and orders them by the image-text matching head.
+Each (image, text) pair is scored once, by the rank that holds the image's pixels (images stay where
+they were decoded; the captions are small and known everywhere), then the scores are gathered.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from vlp.eval.dist import gather_objects
+from vlp.eval.encode import autocast
+from vlp.eval.retrieval import reranked_ranks
+
+
+@torch.no_grad()
+def pair_scores(model, tokenizer, pairs: torch.Tensor, owner_of_image: torch.Tensor, pixels: Dict[int, torch.Tensor],
+                stream_index: List[int], texts: List[str], rank: int, world_size: int, device: torch.device,
+                batch_size: int) -> torch.Tensor:
+    """ITM score of each (image position, text position) pair in `pairs` (P, 2), computed by the rank
+    owning the image and gathered."""
+    mine = (owner_of_image[pairs[:, 0]] == rank).nonzero().flatten().tolist()
+    scores: Dict[int, float] = {}
+    for s in range(0, len(mine), batch_size):
+        rows = mine[s:s + batch_size]
+        images = torch.stack([pixels[stream_index[int(pairs[r, 0])]] for r in rows]).to(device)
+        ids, mask = tokenizer([texts[int(pairs[r, 1])] for r in rows])
+        with autocast(device):
+            out = model.match_scores(images, ids.to(device), mask.to(device)).float().cpu()
+        scores.update(zip(rows, out.flatten().tolist()))
+    merged: Dict[int, float] = {}
+    for part in gather_objects(scores, world_size):
+        merged.update(part)
+    if len(merged) != len(pairs):
+        raise RuntimeError(f"ITM scores for {len(merged)} of {len(pairs)} pairs: a rank lacks image pixels")
+    return torch.tensor([merged[i] for i in range(len(pairs))])
+
+
+def rerank(model, tokenizer, ranks: Dict[str, torch.Tensor], txt2img: torch.Tensor, pixels: Dict[int, torch.Tensor],
+           stream_index: List[int], texts: List[str], rank: int, world_size: int, device: torch.device,
+           batch_size: int) -> Dict[str, torch.Tensor]:
+    """i2t/t2i ranks after ITM re-ranking of the `i2t_topk`/`t2i_topk` candidates in `ranks`."""
+    i2t_top, t2i_top = ranks["i2t_topk"], ranks["t2i_topk"]
+    n_img, n_txt = i2t_top.shape[0], t2i_top.shape[0]
+    i2t_pairs = torch.stack([torch.arange(n_img)[:, None].expand_as(i2t_top), i2t_top], -1).reshape(-1, 2)
+    t2i_pairs = torch.stack([t2i_top, torch.arange(n_txt)[:, None].expand_as(t2i_top)], -1).reshape(-1, 2)
+    codes, inverse = torch.unique(torch.cat([i2t_pairs, t2i_pairs]) @ torch.tensor([n_txt, 1]), return_inverse=True)
+    pairs = torch.stack([codes // n_txt, codes % n_txt], -1)
+    owner = torch.tensor(stream_index) % world_size
+    flat = pair_scores(model, tokenizer, pairs, owner, pixels, stream_index, texts, rank, world_size, device,
+                       batch_size)[inverse]
+    i2t_scores, t2i_scores = flat[:i2t_pairs.shape[0]].view_as(i2t_top), flat[i2t_pairs.shape[0]:].view_as(t2i_top)
+    img_ids = torch.arange(n_img)
+    return {"i2t_ranks": reranked_ranks(i2t_top, i2t_scores, img_ids, txt2img, ranks["i2t_ranks"]),
+            "t2i_ranks": reranked_ranks(t2i_top, t2i_scores, txt2img, img_ids, ranks["t2i_ranks"])}
