@@ -1,0 +1,73 @@
+"""`--format vlp`: any vlp model, reloaded by `vlp.load_pretrained(DIR or hub name)`.
+
+Files: `model.safetensors` (sharded with an index above `export.max_shard_size`), `vlp_config.yaml`
+(the run's resolved config, made self-contained: towers build with random init because the weights
+come from the safetensors; tower configs and tokenizers that lived in local directories are copied
+in and referenced by paths relative to the export), `vlp_export.json` (the eval image preprocessing
+and export provenance) and tokenizer files under `tokenizer/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict
+
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+CONFIG_FILE, META_FILE, TOWERS_DIR = "vlp_config.yaml", "vlp_export.json", "towers"
+LOCAL_DIR = "local-dir:"
+
+
+def _portable_towers(cfg: Any, out_dir: str) -> None:
+    """Rewrite cfg.model towers in place so they rebuild offline from files inside `out_dir`: a
+    transformers tower's source config (as read, before `kwargs`, which stay in the config) and its
+    image processor config; an open_clip `local-dir:` config."""
+    from transformers import AutoConfig
+
+    from vlp.export.build import without_pretrained
+
+    cfg.model = without_pretrained(cfg.model)
+    for side in ("vision", "text"):
+        t = cfg.model[side]
+        rel = f"{TOWERS_DIR}/{side}"
+        dest = os.path.join(out_dir, TOWERS_DIR, side)
+        if t.kind == "hf":
+            AutoConfig.from_pretrained(t.name).save_pretrained(dest)
+            if os.path.isfile(os.path.join(t.name, "preprocessor_config.json")):
+                shutil.copy2(os.path.join(t.name, "preprocessor_config.json"), dest)
+            t.name = rel
+        elif t.kind == "open_clip" and str(t.name).startswith(LOCAL_DIR):
+            src = t.name[len(LOCAL_DIR):]
+            os.makedirs(dest, exist_ok=True)
+            shutil.copy2(os.path.join(src, "open_clip_config.json"), dest)
+            t.name = LOCAL_DIR + rel
+
+
+def write_vlp(model: nn.Module, cfg: Any, image_cfg: Dict[str, Any], out_dir: str, dtype: str,
+              max_shard_size: str, provenance: Dict[str, Any]) -> Dict[str, Any]:
+    from vlp.config import to_yaml
+    from vlp.export.tokenizer_files import copy_for_vlp
+    from vlp.export.weights import cast, save_state_dict
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # a writable copy
+    _portable_towers(cfg, out_dir)
+    tok_name = copy_for_vlp(cfg.data.tokenizer, out_dir)
+    if tok_name is not None:
+        cfg.data.tokenizer.name = tok_name
+    cfg.train.resume = "none"
+    cfg.data.image_size = int(image_cfg["size"])
+    cfg.data.mean, cfg.data.std = list(image_cfg["mean"]), list(image_cfg["std"])
+    files = save_state_dict(cast(dict(model.state_dict()), dtype), out_dir, stem="model", max_shard_size=max_shard_size)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        f.write(to_yaml(cfg))
+    meta = {"format": "vlp", "format_version": 1, "image_cfg": dict(image_cfg, mean=list(image_cfg["mean"]),
+                                                                        std=list(image_cfg["std"])),
+            "dtype": dtype, "weights": files, **provenance}
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
+    return {"architecture": type(model).__name__}
+
+
+__all__ = ["write_vlp", "CONFIG_FILE", "META_FILE"]
