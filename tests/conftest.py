@@ -25,3 +25,20 @@ def synth_test(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth_test")
     write_synth(str(out), n=32, seed=1, split="test", samples_per_shard=16)
     return out
+
+
+@pytest.fixture(scope="module")
+def own_process_group():
+    """For modules that train in-process: train()/deepspeed.initialize set up a world-of-one group
+    and env:// variables; undo both after the module. DeepSpeed's destroy also drops its cached
+    world group, which torch's alone leaves stale for the next deepspeed.initialize."""
+    saved = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)

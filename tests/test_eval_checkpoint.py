@@ -33,14 +33,8 @@ train:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _own_process_group():
-    """train() and deepspeed.initialize set up a world-of-one process group here: undo it after."""
-    saved = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+def _own_process_group(own_process_group):
+    """train() and deepspeed.initialize run in this process: see conftest.own_process_group."""
 
 
 @pytest.fixture(scope="module")
