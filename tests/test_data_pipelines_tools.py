@@ -20,7 +20,7 @@ def test_shard_specs(synth_train, synth_test):
     assert expand_shards(os.path.join(d, "synth-train-{000001..000002}.tar")) == all4[1:3]
     joined = f"{all4[0]}::{synth_test}"
     assert expand_shards(joined) == [all4[0]] + expand_shards(str(synth_test))
-    with pytest.raises(InputError, match="shard not found"):
+    with pytest.raises(InputError, match="does not exist"):
         expand_shards(os.path.join(d, "synth-train-{000003..000005}.tar"))
     with pytest.raises(InputError, match="no \\*.tar"):
         expand_shards(str(os.path.dirname(d)))
@@ -60,7 +60,7 @@ def test_inspect_cli_counts_multi_caption_lines(tmp_path, capsys):
     assert report["captions_per_sample"]["max"] == 2
     assert report["duplicate_keys"] == 1 and report["without_caption"] == 1 and report["without_image"] == 1
     rc = vlp_main(["data", "inspect", str(tmp_path / "nothing-{0..3}.tar")])
-    assert rc == 2 and "shard not found" in capsys.readouterr().err
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])

@@ -6,7 +6,6 @@ import signal
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from train_entry import Fault, NaNAt, fixed, write_fixed_batches, write_tiny_config  # noqa: E402

@@ -142,9 +142,10 @@ def _shutdown_after(rc: int) -> int:
     where a peer may be gone)."""
     import torch.distributed as dist
 
-    if rc in (0, EXIT_NONFINITE) or rc > 128:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if (rc in (0, EXIT_NONFINITE) or rc > 128) and dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached world group
     return rc
 
 

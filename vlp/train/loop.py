@@ -76,7 +76,7 @@ def check_before_work(cfg: DictConfig) -> None:
 
 
 def _check_shards(cfg: DictConfig) -> None:
-    from data_pipelines.shardspec import InputError, expand_shards
+    from vlp.data.shards import expand_shards
 
     specs = [("data.train_shards", cfg.data.train_shards)] if cfg.data.train_shards else []
     specs += [(f"data.sources[{i}].shards", s.shards) for i, s in enumerate(cfg.data.sources)]
@@ -86,10 +86,7 @@ def _check_shards(cfg: DictConfig) -> None:
     if cfg.eval.every:
         specs.append(("data.eval_shards", cfg.data.eval_shards))
     for key, spec in specs:
-        try:
-            expand_shards(spec)
-        except InputError as e:
-            raise ConfigError(f"'{key}': {e}") from None
+        expand_shards(spec, what=key)  # raises ConfigError naming the key
 
 
 def _seed_all(seed: int) -> None:
