@@ -1,4 +1,4 @@
-"""`vlp data convert|synth|inspect|tokenizer|bench`: the offline data tools on the command line.
+"""`vlp data convert|synth|inspect|tokenizer|bert-vocab|bench`: the offline data tools on the command line.
 
 Heavy modules are imported inside each command so `vlp --help` stays fast.
 """
@@ -103,6 +103,19 @@ def _tokenizer(args: argparse.Namespace) -> int:
     _emit(meta, args.json, f"trained a {meta['model_type']} SentencePiece model, vocab {meta['vocab_size']}, on "
           f"{meta['trained_on']['captions']} captions -> {args.out}/spm.model\n"
           f"use it with: data.tokenizer.kind=sentencepiece data.tokenizer.name={args.out}/spm.model")
+    return 0
+
+
+@_user_errors("bert-vocab")
+def _bert_vocab(args: argparse.Namespace) -> int:
+    from data_pipelines.bert_vocab import write_bert_vocab
+
+    meta = write_bert_vocab(args.shards, args.out, min_count=args.min_count, max_size=args.max_size,
+                            caption_key=args.caption_key, max_captions=args.max_captions, overwrite=args.overwrite)
+    ids = " ".join(f"model.albef.{k}={v}" for k, v in meta.items() if k.endswith("_token_id"))
+    _emit(meta, args.json, f"wrote a {meta['vocab_size']}-token word-level BERT tokenizer ({meta['word_coverage']:.1%} "
+          f"of caption words covered) to {args.out}\nuse it with: data.tokenizer.kind=hf data.tokenizer.name={args.out} "
+          f"model.text.kind=hf model.text.name={args.out} {ids}")
     return 0
 
 
@@ -213,6 +226,23 @@ splits a key at its first dot) and kept unique. Images pass through unchanged un
     p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in DIR")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
     p.set_defaults(func=_tokenizer)
+
+    p = sub.add_parser("bert-vocab", help="write a word-level BERT tokenizer (for ALBEF's MLM) from the captions",
+                       description="Count the words of the captions of SHARDS (BERT lower-casing and punctuation "
+                       "splitting) and save a BERT tokenizer whose vocabulary is [PAD]=0, [UNK]=1, [CLS]=2, "
+                       "[SEP]=3, [MASK]=4 and then the words by frequency, plus a base BERT config.json of that "
+                       "vocabulary size, to DIR. Offline; meant for small closed vocabularies such as the "
+                       "synthetic set (configs/demo_albef.yaml). For open text use a pretrained tokenizer "
+                       "(bert-base-uncased).")
+    p.add_argument("shards", metavar="SHARDS", help=SHARDS_HELP)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--min-count", type=int, default=1, help="leave out words seen fewer times (default: 1)")
+    p.add_argument("--max-size", type=int, default=0, help="at most this many tokens, specials included; 0: all")
+    p.add_argument("--max-captions", type=int, default=0, help="count the first N captions only; 0: all")
+    p.add_argument("--caption-key", default="txt", help="caption file extension (default: txt)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    p.set_defaults(func=_bert_vocab)
 
     p = sub.add_parser("bench", help="measure loader throughput (samples/s) on shards",
                        description="Run the training data loader over SHARDS and report samples/s per stage.")

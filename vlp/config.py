@@ -59,6 +59,25 @@ class DataConfig:
 
 # ---------------------------------------------------------------------------------------- model
 @dataclass
+class FrozenLLMConfig:
+    """A frozen decoder layer of a transformers causal LM after the last ViT block (vision timm towers only)."""
+
+    name: str = ""  # causal LM: local dir or hub name with safetensors weights; "" = off
+    layer: int = -1  # decoder layer index; negative counts from the end (-1: the last, as the paper)
+
+
+@dataclass
+class EViTConfig:
+    """EViT token reorganization inside a timm ViT (vision towers only)."""
+
+    keep_rate: float = 1.0  # share of patch tokens kept at each of `blocks`; 1.0 = off (paper: 0.7)
+    blocks: List[int] = field(default_factory=lambda: [3, 6, 9])  # 0-based block indices (paper: 3, 6, 9)
+    fuse: bool = True  # fuse the dropped tokens into one, weighted by their [CLS] attention
+    shrink_start: int = 0  # optimizer steps at keep rate 1.0 before shrinking starts (paper: 10 of 300 epochs)
+    shrink_steps: int = 0  # steps of cosine decay from 1.0 to keep_rate (paper: 100 epochs); 0 = at once
+
+
+@dataclass
 class TowerConfig:
     kind: str = "timm"  # vision: timm | hf | open_clip; text: hf | open_clip
     name: str = ""  # model name (timm/open_clip) or HF name / local dir
@@ -67,6 +86,31 @@ class TowerConfig:
     locked: bool = False  # freeze the tower (LiT)
     grad_checkpointing: bool = False
     pool: str = ""  # hf towers only: "" (model's pooled output, else first token) | cls | mean
+    frozen_llm: FrozenLLMConfig = field(default_factory=FrozenLLMConfig)  # vision timm towers only
+    evit: EViTConfig = field(default_factory=EViTConfig)  # vision timm towers only
+
+
+@dataclass
+class AlbefConfig:
+    """ALBEF options (model.type=albef); defaults are the paper's (configs/Pretrain.yaml of salesforce/ALBEF)."""
+
+    text_layers: int = 6  # first layers of the BERT text tower: the text encoder
+    fusion_layers: int = 6  # the next layers, given cross-attention to the image tokens: the fusion encoder
+    queue_size: int = 65536  # momentum features kept as extra ITC negatives; a multiple of micro_batch x ranks
+    momentum: float = 0.995  # EMA factor of the momentum encoders, applied after each optimizer step
+    alpha: float = 0.4  # weight of the momentum-distillation targets (ITC and MLM)
+    alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these optimizer steps (paper: 1 epoch)
+    mlm_prob: float = 0.15  # share of text tokens masked for MLM (80% [MASK], 10% random, 10% kept)
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    max_temperature: float = 0.5  # the learnable temperature (init model.init_temperature) is clamped
+    min_temperature: float = 0.001  # to [min_temperature, max_temperature] at every forward
+    seed: int = 0  # seeds the ITM-negative and MLM-mask draws; the same stream on every rank
+    pad_token_id: int = 0  # special token ids of data.tokenizer (defaults: bert-base-uncased); never masked
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
 
 
 @dataclass
@@ -83,6 +127,7 @@ class ModelConfig:
     siglip_init_logit_scale: float = 10.0
     siglip_init_bias: float = -10.0
     extra: Dict[str, Any] = field(default_factory=dict)  # model-family specific options
+    albef: AlbefConfig = field(default_factory=AlbefConfig)  # used when type=albef
 
 
 # ---------------------------------------------------------------------------------------- train

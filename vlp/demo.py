@@ -56,6 +56,11 @@ def run_demo(args: argparse.Namespace) -> int:
                     "--overwrite"])
     nproc = args.nproc or _default_nproc()
     overrides = [f"output_dir={out}", f"data.train_shards={train_dir}", f"data.eval_shards={test_dir}"]
+    if args.model == "albef":  # MLM needs a BERT tokenizer: a word-level one from the captions, offline
+        vocab_dir = os.path.join(out, "data", "bert")
+        if not os.path.isfile(os.path.join(vocab_dir, "config.json")):
+            _run(vlp + ["data", "bert-vocab", train_dir, "--out", vocab_dir, "--overwrite"])
+        overrides += [f"data.tokenizer.name={vocab_dir}", f"model.text.name={vocab_dir}"]
     _run(vlp + ["train", "--config", config, "--nproc", str(nproc)] + overrides + list(args.overrides))
     eval_dir = os.path.join(out, "eval")
     results, report = os.path.join(eval_dir, "retrieval.json"), os.path.join(eval_dir, "retrieval.png")
@@ -70,6 +75,9 @@ def run_demo(args: argparse.Namespace) -> int:
     print("\n== vlp demo done in %.0f s ==" % (time.time() - t0))
     print("retrieval on %d held-out images: " % json.load(open(results))["n_images"]
           + ", ".join(f"{k}={metrics[k]:.3f}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_recall")))
+    reranked = json.load(open(results)).get("reranked")
+    if reranked:  # fusion models: the ITC top-k re-ordered by the ITM head
+        print("after ITM re-ranking: " + ", ".join(f"{k}={reranked[k]:.3f}" for k in ("i2t_r1", "t2i_r1", "mean_recall")))
     print(f"TensorBoard logs : tensorboard --logdir {os.path.join(out, 'tb')}")
     print(f"metrics          : {os.path.join(out, 'metrics.jsonl')}")
     print(f"results JSON     : {results}")

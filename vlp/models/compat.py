@@ -25,3 +25,6 @@ def check_tokenizer(model: Any, tokenizer: Any) -> None:
             f"data.tokenizer.context_length={tokenizer.context_length} exceeds the text tower's "
             f"{tower['context_length']} positions: lower data.tokenizer.context_length or raise "
             f"model.text.kwargs.context_length")
+    own = getattr(model, "check_tokenizer", None)  # model-specific needs, e.g. ALBEF's [MASK] id
+    if callable(own):
+        own(tokenizer)

@@ -70,6 +70,13 @@ class DualEncoder(nn.Module):
                 getattr(self, name).eval()  # keeps BatchNorm statistics and dropout off
         return self
 
+    def after_step(self) -> None:
+        """Called by the trainer once per optimizer step: advances step schedules inside the towers
+        (EViT's keep-rate warm-up) by calling each submodule's own `after_step`."""
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "after_step", None)):
+                module.after_step()
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) normalised pixels -> (B, embed_dim) unit-norm float32 embeddings."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["vision"]):

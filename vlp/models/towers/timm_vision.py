@@ -35,6 +35,17 @@ def _pretrained_args(pretrained: str, key: str) -> Dict[str, Any]:
         f"weights of the name (e.g. 'vit_base_patch16_224.augreg_in21k'), or '' for random init")
 
 
+def _add_extras(model: Any, tcfg: Any, key: str) -> None:
+    """EViT token reorganization, then a frozen LLM block after the last block, when configured."""
+    evit, llm = getattr(tcfg, "evit", None), getattr(tcfg, "frozen_llm", None)
+    if evit is not None and evit.keep_rate != 1.0:
+        from vlp.models.evit import add_evit
+        add_evit(model, evit, key)
+    if llm is not None and llm.name:
+        from vlp.models.frozen_llm import add_frozen_llm
+        add_frozen_llm(model, llm, key)
+
+
 def build_timm_vision(tcfg: Any, patch_dropout: float = 0.0, key: str = "vision") -> Tower:
     """`timm.create_model(name, num_classes=0, **kwargs)`; patch dropout via timm's `patch_drop_rate`."""
     if not tcfg.name:
@@ -47,6 +58,7 @@ def build_timm_vision(tcfg: Any, patch_dropout: float = 0.0, key: str = "vision"
     except (TypeError, RuntimeError, ValueError, KeyError, OSError) as e:
         hint = " (model.patch_dropout needs a timm ViT-style model)" if patch_dropout > 0 else ""
         raise ConfigError(str(config_error(key, tcfg, e)) + hint) from e
+    _add_extras(model, tcfg, key)
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     data = resolve_model_data_config(model)
