@@ -31,3 +31,42 @@ def test_readme_opens_with_the_two_commands():
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.train.steps > 0
+
+
+def _readme_vlp_commands():
+    import re
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)
+    lines = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("vlp "):
+                lines.append(line)
+    return lines
+
+
+def test_every_readme_command_parses_with_the_cli():
+    """Each `vlp ...` example in the README is accepted by the parser behind `vlp --help`."""
+    import shlex
+
+    from vlp.cli import build_parser
+
+    lines = _readme_vlp_commands()
+    assert len(lines) >= 10
+    for line in lines:
+        try:
+            build_parser().parse_args(shlex.split(line)[1:])
+        except SystemExit:
+            pytest.fail(f"README command does not parse: {line}")
+
+
+def test_every_subcommand_is_in_the_readme_and_has_help():
+    from vlp.docs import commands
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    for words, parser, summary in commands():
+        assert summary and parser.description or parser.format_help(), words
+        assert f"`{' '.join(words)}`" in text, words

@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 from vlp import config as config_module
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+CLI_START, CLI_END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 
 
 def _field_comments() -> Dict[Tuple[str, str], str]:
@@ -64,12 +65,43 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+def commands():
+    """(command words, its argparse parser) for every `vlp` subcommand, depth first."""
+    import argparse
+
+    from vlp.cli import build_parser
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, sub in action.choices.items():
+                    yield prefix + [name], sub, helps.get(name) or ""
+                    yield from walk(sub, prefix + [name])
+
+    return list(walk(build_parser(), ["vlp"]))
+
+
+def cli_reference() -> str:
+    """Each subcommand's one-line purpose and usage, from the same parser `vlp --help` prints."""
+    out = []
+    for words, parser, summary in commands():
+        usage = " ".join(parser.format_usage().replace("usage: ", "", 1).split())
+        out.append(f"- `{' '.join(words)}` — {summary}\n  `{usage}`")
+    return "\n".join(out)
+
+
+def _replace_block(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        raise ValueError(f"README lacks the markers {start} / {end}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def render_readme(text: str) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"README lacks the markers {START} / {END}")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{config_reference()}\n{END}{tail}"
+    text = _replace_block(text, START, END, config_reference())
+    return _replace_block(text, CLI_START, CLI_END, cli_reference())
 
 
 def main() -> int:
