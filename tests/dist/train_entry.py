@@ -166,7 +166,13 @@ def main(argv=None) -> int:
             rc = worker_main(args.config, overrides, make_loader=fixed(args.fixed))
             if rc:
                 return rc
-        return _shutdown_after(0)
+        rc = _shutdown_after(0)
+        # Several engines ran in this one process; at interpreter exit a C++ thread left by an
+        # earlier run's process group has aborted the process once ("terminate called without an
+        # active exception", rc -6) after all work was done. Skip those destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
     kind, fault_rank, at = args.fault.split(":")
     signum = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[kind]
 
