@@ -8,6 +8,9 @@ NPROC ?=
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed JIT-builds its CPU shared-memory comm op on first use; keep that build (and its lock
+# file) inside this venv so a stale lock from another checkout can never make ranks wait forever.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: venv test demo bench clean
 
