@@ -44,11 +44,15 @@ def common(tmp_path_factory, synth_train):
 
 @pytest.fixture(scope="module")
 def one_node(common, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one_node")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+    out, port = tmp_path_factory.mktemp("one_node"), _port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            PRETRAIN, *common, f"output_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    # DeepSpeed's CPU all-reduce buffers (66 MB of RAM each) are released when the ranks finish
+    import glob
+
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 7))
     return losses

@@ -146,6 +146,9 @@ def _shutdown_after(rc: int) -> int:
         import deepspeed.comm
 
         deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached world group
+    from vlp.train.dist import release_shm_buffer
+
+    release_shm_buffer()  # also when a caller ends with os._exit, which skips atexit
     return rc
 
 
