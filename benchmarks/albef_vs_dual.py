@@ -9,7 +9,8 @@ ITM and MLM. Same steps, global batch, learning-rate schedule and data order. Th
 on the held-out split: ITC metrics for both, and ITM re-ranked metrics (top `--rerank-k`) for ALBEF.
 
 samples/s is the trainer's own figure (mean over the logged windows after the first); memory is the
-peak resident set size of the largest rank process (host RAM; on GPUs device memory is not counted).
+largest peak resident set size (VmHWM, read from /proc while training, so Linux only) over the rank
+processes: host RAM; on GPUs device memory is not counted.
 
     python benchmarks/albef_vs_dual.py [--steps 300] [--nproc 2] [--micro-batch 32] [--json]
 """
@@ -20,17 +21,38 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo_albef.yaml")
 
-# runs a command and reports the peak RSS of its largest descendant (a rank) in KiB
-PEAK_RSS = textwrap.dedent("""
-    import json, resource, subprocess, sys
-    rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
-    print(json.dumps({"rc": rc, "max_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-""")
+
+
+def _rank_peaks(marker: str) -> dict:
+    """VmHWM (peak resident set, KiB) of each live rank process whose command line holds `marker`."""
+    peaks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            if "pretrain.py" not in cmd or marker not in cmd:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                peaks[pid] = max(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        except (OSError, ValueError):  # the process ended meanwhile
+            continue
+    return peaks
+
+
+def run_and_watch(cmd: list, marker: str) -> tuple:
+    """Run `cmd`; poll its rank processes' peak RSS (Linux /proc) until it ends -> (exit code, max KiB)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peaks: dict = {}
+    while proc.poll() is None:
+        for pid, kib in _rank_peaks(marker).items():
+            peaks[pid] = max(kib, peaks.get(pid, 0))
+        time.sleep(0.5)
+    return proc.returncode, max(peaks.values(), default=0)
 
 
 def _vlp(*args: str) -> list:
@@ -67,14 +89,13 @@ def train(name: str, overrides: list, args, paths: dict) -> dict:
                "train.resume=none", *overrides)
     if not args.json:
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    res = json.loads(subprocess.run([sys.executable, "-c", PEAK_RSS, *cmd], cwd=ROOT, check=True,
-                                    capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    if res["rc"] != 0:
-        raise SystemExit(f"benchmark: training {name} failed (exit {res['rc']}); rerun the command above to see why")
+    rc, peak_kib = run_and_watch(cmd, f"output_dir={out}")
+    if rc != 0:
+        raise SystemExit(f"benchmark: training {name} failed (exit {rc}); rerun the command above to see why")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     windows = [r["samples_per_s"] for r in records[1:]] or [records[-1]["samples_per_s"]]
-    return {"run": out, "samples_per_s": sum(windows) / len(windows), "peak_rss_gib": res["max_rss_kib"] / 2**20,
+    return {"run": out, "samples_per_s": sum(windows) / len(windows), "peak_rss_gib": peak_kib / 2**20,
             "samples_seen": records[-1]["samples_seen"], "final_loss": records[-1]["loss"]}
 
 

@@ -78,6 +78,13 @@ def test_encoders_and_match_scores(yaml_path):
     torch.testing.assert_close(txt.norm(dim=-1), torch.ones(B))
     assert scores.shape == (B,) and torch.isfinite(scores).all()
     assert model.image_cfg["size"] == 32 and model.text_cfg["vocab_size"] >= 40
+    mean_pool = _model(yaml_path, "model.text.pool=mean").eval()  # same weights (same seed), token mean
+    with torch.no_grad():
+        hidden = mean_pool._text(b["text_ids"], b["text_mask"])
+        m = b["text_mask"].unsqueeze(-1).float()
+        expected = F.normalize(mean_pool.text_proj((hidden * m).sum(1) / m.sum(1)), dim=-1)
+        torch.testing.assert_close(mean_pool.encode_text(b["text_ids"], b["text_mask"]), expected)
+        assert not torch.allclose(expected, txt)
 
 
 def test_momentum_weights_are_fp32_buffers_updated_by_ema_after_each_step(yaml_path):

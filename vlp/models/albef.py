@@ -26,6 +26,10 @@ Choices made here, all rank-count invariant (1 rank x 2B gives the losses of 2 r
   counts the step that drives alpha's ramp (`steps` buffer).
 - The temperature is clamped functionally in forward (an in-place clamp of a DeepSpeed-managed
   parameter is overwritten by the optimizer's master copy); its gradient is zero outside the range.
+- `model.text.pool=mean` makes the text ITC feature the masked token mean instead of [CLS]: for
+  towers trained from scratch, whose [CLS] output is nearly the same for every caption, so that
+  contrasting against (gradient-free) momentum features has something to learn from
+  (configs/demo_albef.yaml). The paper's pretrained BERT does not need it.
 - The MLM head (BERT's transform + a vocabulary projection initialised from the word embeddings) is
   new and untied: tying across modules does not survive ZeRO-3 partitioning.
 """
@@ -85,6 +89,7 @@ class ALBEF(nn.Module):
         self.text_cfg: Dict[str, Any] = dict(text.info)
         self.vision = vision.module
         self.text = text.module  # vlp HFText: `.model` is the transformers model (text layers only)
+        self.text_pool = str(cfg.text.pool)
         bert = self.text.model
         layers = bert.encoder.layer
         bert.encoder.layer = nn.ModuleList(list(layers)[:a.text_layers])
@@ -126,9 +131,16 @@ class ALBEF(nn.Module):
         """(B,3,H,W) normalised pixels -> (B, embed_dim) unit-norm ITC embeddings (float32)."""
         return F.normalize(self.vision_proj(self._image(images)[:, 0]).float(), dim=-1)
 
+    def _text_feature(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The text encoder's ITC input: [CLS] (the paper), or the masked token mean with model.text.pool=mean."""
+        if self.text_pool != "mean":
+            return hidden[:, 0]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,L) ids and mask -> (B, embed_dim) unit-norm ITC embeddings of the text encoder (float32)."""
-        return F.normalize(self.text_proj(self._text(ids, mask)[:, 0]).float(), dim=-1)
+        return F.normalize(self.text_proj(self._text_feature(self._text(ids, mask), mask)).float(), dim=-1)
 
     def match_scores(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ITM score of each (image i, text i) pair: the fusion [CLS]'s "match" logit, shape (B,) float32
@@ -180,13 +192,14 @@ class ALBEF(nn.Module):
         img_tok = self._image(images)
         img_feat = F.normalize(self.vision_proj(img_tok[:, 0]).float(), dim=-1)
         txt_hid = self._text(ids, mask)
-        txt_feat = F.normalize(self.text_proj(txt_hid[:, 0]).float(), dim=-1)
+        txt_feat = F.normalize(self.text_proj(self._text_feature(txt_hid, mask)).float(), dim=-1)
 
         mm = self.momentum_models
         with torch.no_grad(), self._momentum_precision(images):
             img_tok_m = self._image(images, momentum=True)
             img_feat_m = F.normalize(mm["vision_proj"](img_tok_m[:, 0]).float(), dim=-1)
-            txt_feat_m = F.normalize(mm["text_proj"](self._text(ids, mask, momentum=True)[:, 0]).float(), dim=-1)
+            txt_hid_m = self._text(ids, mask, momentum=True)
+            txt_feat_m = F.normalize(mm["text_proj"](self._text_feature(txt_hid_m, mask)).float(), dim=-1)
             img_feat_m_all = gather_with_grad(img_feat_m)
             txt_feat_m_all = gather_with_grad(txt_feat_m)
         itc = itc_distill_loss(img_feat, txt_feat, img_feat_m_all, txt_feat_m_all, self.image_queue,
