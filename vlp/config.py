@@ -114,6 +114,22 @@ class AlbefConfig:
 
 
 @dataclass
+class BUSConfig:
+    """BUS patch summarization (vlp/models/bus.py; Jiang et al., ICCV 2023). The paper's layers, keep
+    ratio and summary length are not published in a source we could read: the defaults are TRIPS's
+    (same authors, EMNLP 2022) and our own, as marked."""
+
+    enabled: bool = False  # text-semantics-aware patch selection (TSPS) in the timm ViT, plus PTM
+    blocks: List[int] = field(default_factory=lambda: [4, 9])  # 0-based ViT blocks with a selector (TRIPS: 5, 10 of 12)
+    keep_rate: float = 0.7  # share of patch tokens each selector keeps (TRIPS: 0.7)
+    fuse: bool = True  # fuse the dropped patches into one token weighted by their scores (TRIPS)
+    pad_queries: int = 0  # Patch Abstraction Decoder summary tokens for the fusion encoder; 0 = no PAD (albef only)
+    pad_layers: int = 2  # PAD decoder layers (ours)
+    pad_heads: int = 0  # PAD attention heads; 0: ViT width / 64
+    ptm_weight: float = 1.0  # weight of the patch-text matching loss; 0 = off
+
+
+@dataclass
 class ModelConfig:
     type: str = "clip"  # clip | align | siglip | albef
     embed_dim: int = 512
@@ -128,6 +144,7 @@ class ModelConfig:
     siglip_init_bias: float = -10.0
     extra: Dict[str, Any] = field(default_factory=dict)  # model-family specific options
     albef: AlbefConfig = field(default_factory=AlbefConfig)  # used when type=albef
+    bus: BUSConfig = field(default_factory=BUSConfig)  # BUS patch summarization (clip/align/siglip/albef)
 
 
 # ---------------------------------------------------------------------------------------- train

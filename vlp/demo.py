@@ -15,7 +15,7 @@ import sys
 import time
 from typing import List
 
-_CONFIGS = {"clip": "configs/demo_clip.yaml", "albef": "configs/demo_albef.yaml"}
+_CONFIGS = {"clip": "configs/demo_clip.yaml", "albef": "configs/demo_albef.yaml", "bus": "configs/demo_bus.yaml"}
 
 
 def _default_nproc() -> int:
@@ -56,7 +56,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     "--overwrite"])
     nproc = args.nproc or _default_nproc()
     overrides = [f"output_dir={out}", f"data.train_shards={train_dir}", f"data.eval_shards={test_dir}"]
-    if args.model == "albef":  # MLM needs a BERT tokenizer: a word-level one from the captions, offline
+    if args.model in ("albef", "bus"):  # MLM needs a BERT tokenizer: a word-level one from the captions, offline
         vocab_dir = os.path.join(out, "data", "bert")
         if not os.path.isfile(os.path.join(vocab_dir, "config.json")):
             _run(vlp + ["data", "bert-vocab", train_dir, "--out", vocab_dir, "--overwrite"])

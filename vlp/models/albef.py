@@ -32,6 +32,12 @@ Choices made here, all rank-count invariant (1 rank x 2B gives the losses of 2 r
   (configs/demo_albef.yaml). The paper's pretrained BERT does not need it.
 - The MLM head (BERT's transform + a vocabulary projection initialised from the word embeddings) is
   new and untied: tying across modules does not survive ZeRO-3 partitioning.
+- BUS (`model.bus`, vlp.models.bus): the text encoder runs first and its ITC input feature steers the
+  ViT's patch selectors (the momentum ViT takes the momentum text's); the Patch Abstraction Decoder,
+  when configured, summarises the image tokens the fusion encoder reads (a momentum copy of it feeds
+  the MLM teacher); the patch-text matching loss is added with `model.bus.ptm_weight`. ITM pairs reuse
+  each image's tokens as selected under its own caption (re-encoding every image under each negative
+  text would add two ViT passes per step).
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ from vlp.losses.distill import alpha_at, itc_distill_loss
 from vlp.losses.gather import gather_with_grad, rank_and_world
 from vlp.losses.itm import hard_negatives, itm_loss
 from vlp.losses.mlm import IGNORE, mask_tokens, mlm_loss
+from vlp.models.bus import add_tsps, build_pad, check_bus, ptm_loss, text_guidance
 from vlp.models.fusion import FusionEncoder, bert_text, check_token_tower, image_tokens, token_tower_kwargs
 from vlp.models.momentum import buffer_copy, ema_update
 from vlp.models.registry import register_model
@@ -103,10 +110,19 @@ class ALBEF(nn.Module):
         self.mlm_head = MLMHead(bert.config, bert.embeddings.word_embeddings.weight.detach())
         self.vocab_size = int(bert.config.vocab_size)
         self.temp = nn.Parameter(torch.full((1,), float(cfg.init_temperature)))  # shape [1]: DeepSpeed
+        bus = cfg.bus
+        self.bus = bool(bus.enabled)
+        self.pad = build_pad(bus, vision.dim) if self.bus else None
+        self.ptm_weight = float(bus.ptm_weight) if self.bus else 0.0
+        if self.bus:
+            add_tsps(self.vision, bus, width)
+            if self.ptm_weight:
+                self.ptm_proj = nn.Linear(vision.dim, self.embed_dim)
+        self.momentum_parts = MOMENTUM_PARTS + (("pad",) if self.pad is not None else ())
 
         self.momentum_models = nn.ModuleDict()
         self._slots: Dict[str, List] = {}
-        for name in MOMENTUM_PARTS:
+        for name in self.momentum_parts:
             twin, slots = buffer_copy(getattr(self, name))
             self.momentum_models[name] = twin
             self._slots[name] = slots
@@ -121,8 +137,16 @@ class ALBEF(nn.Module):
         self.train()
 
     # ------------------------------------------------------------------ encoders (eval and training)
-    def _image(self, images: torch.Tensor, momentum: bool = False) -> torch.Tensor:
-        return image_tokens(self.momentum_models["vision"] if momentum else self.vision, images)
+    def _image(self, images: torch.Tensor, momentum: bool = False, texts: Optional[torch.Tensor] = None,
+               ptm: bool = False) -> torch.Tensor:
+        """Image tokens for the fusion encoder, [CLS] first. With BUS: patches selected under `texts`
+        (B, text width; None = text-agnostic), then the PAD summary when configured."""
+        vision = self.momentum_models["vision"] if momentum else self.vision
+        with text_guidance(vision, texts, ptm):
+            tokens = image_tokens(vision, images)
+        if self.pad is not None:
+            tokens = (self.momentum_models["pad"] if momentum else self.pad)(tokens)
+        return tokens
 
     def _text(self, ids: torch.Tensor, mask: torch.Tensor, momentum: bool = False) -> torch.Tensor:
         return bert_text((self.momentum_models["text"] if momentum else self.text).model, ids, mask)
@@ -145,7 +169,9 @@ class ALBEF(nn.Module):
     def match_scores(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ITM score of each (image i, text i) pair: the fusion [CLS]'s "match" logit, shape (B,) float32
         (ALBEF's retrieval re-ranking score, `itm_head(...)[:, 1]`)."""
-        fused = self.fusion(self._text(ids, mask), mask, self._image(images))
+        text = self._text(ids, mask)
+        image = self._image(images, texts=self._text_feature(text, mask) if self.bus else None)
+        fused = self.fusion(text, mask, image)
         return self.itm_head(fused[:, 0]).float()[:, 1]
 
     # ------------------------------------------------------------------------------------- training
@@ -189,17 +215,23 @@ class ALBEF(nn.Module):
         gen = self._generator(images.device)
         o = self.opts
 
-        img_tok = self._image(images)
-        img_feat = F.normalize(self.vision_proj(img_tok[:, 0]).float(), dim=-1)
         txt_hid = self._text(ids, mask)
-        txt_feat = F.normalize(self.text_proj(self._text_feature(txt_hid, mask)).float(), dim=-1)
+        txt_sem = self._text_feature(txt_hid, mask)
+        txt_feat = F.normalize(self.text_proj(txt_sem).float(), dim=-1)
+        img_tok = self._image(images, texts=txt_sem if self.bus else None, ptm=self.ptm_weight > 0)
+        img_feat = F.normalize(self.vision_proj(img_tok[:, 0]).float(), dim=-1)
+        extra: Dict[str, Any] = {}
+        if self.ptm_weight:
+            ptm = ptm_loss(self.vision, self.ptm_proj, txt_feat, temp)
+            extra["ptm_loss"] = ptm.detach()
 
         mm = self.momentum_models
         with torch.no_grad(), self._momentum_precision(images):
-            img_tok_m = self._image(images, momentum=True)
-            img_feat_m = F.normalize(mm["vision_proj"](img_tok_m[:, 0]).float(), dim=-1)
             txt_hid_m = self._text(ids, mask, momentum=True)
-            txt_feat_m = F.normalize(mm["text_proj"](self._text_feature(txt_hid_m, mask)).float(), dim=-1)
+            txt_sem_m = self._text_feature(txt_hid_m, mask)
+            txt_feat_m = F.normalize(mm["text_proj"](txt_sem_m).float(), dim=-1)
+            img_tok_m = self._image(images, momentum=True, texts=txt_sem_m if self.bus else None)
+            img_feat_m = F.normalize(mm["vision_proj"](img_tok_m[:, 0]).float(), dim=-1)
             img_feat_m_all = gather_with_grad(img_feat_m)
             txt_feat_m_all = gather_with_grad(txt_feat_m)
         itc = itc_distill_loss(img_feat, txt_feat, img_feat_m_all, txt_feat_m_all, self.image_queue,
@@ -242,8 +274,10 @@ class ALBEF(nn.Module):
         self._enqueue(img_feat_m_all, txt_feat_m_all)
         self._micro += 1
         loss = o["itc_weight"] * itc + o["itm_weight"] * itm + o["mlm_weight"] * mlm
+        if self.ptm_weight:
+            loss = loss + self.ptm_weight * ptm
         return {"loss": loss, "itc_loss": itc.detach(), "itm_loss": itm.detach(), "mlm_loss": mlm.detach(),
-                "itm_acc": itm_acc, "alpha": alpha, "temperature": float(temp.item())}
+                "itm_acc": itm_acc, "alpha": alpha, "temperature": float(temp.item()), **extra}
 
     @torch.no_grad()
     def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
@@ -261,7 +295,7 @@ class ALBEF(nn.Module):
         Collective under ZeRO-3 (gathers the online weights): every rank calls it at every step.
         """
         m = float(self.opts["momentum"])
-        for name in MOMENTUM_PARTS:
+        for name in self.momentum_parts:
             ema_update(getattr(self, name).parameters(), self._slots[name], m)
         self.steps += 1
         for module in self.modules():  # step schedules inside the towers (EViT's keep-rate warm-up)
@@ -311,6 +345,8 @@ def _check(cfg: DictConfig) -> None:
     for key, ok, want in checks:
         if not ok:
             raise ConfigError(f"bad value for 'model.albef.{key}': {want}, got {a[key]}")
+    if cfg.bus.enabled:
+        check_bus(cfg.bus, "albef", cfg.vision)
     if not a.min_temperature <= cfg.init_temperature <= a.max_temperature:
         raise ConfigError(f"model.init_temperature={cfg.init_temperature} lies outside "
                           f"[model.albef.min_temperature, max_temperature] = [{a.min_temperature}, {a.max_temperature}]")

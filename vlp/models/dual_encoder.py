@@ -9,11 +9,14 @@
   sigmoid loss, t = exp(t') with t' initialised at log 10, bias initialised at -10.
 Locked towers follow LiT (Zhai et al. 2022, "LiT: Zero-Shot Transfer with Locked-image text
 Tuning"): frozen weights, eval mode, no activations kept; their new projection head still trains.
+BUS's text-semantics-aware patch selection (`model.bus`, vlp.models.bus) steers the ViT with the
+paired caption's text-tower feature in training (the text tower runs first) and adds the patch-text
+matching loss; `encode_image` (retrieval, zero-shot) uses the text-agnostic selector.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -22,6 +25,7 @@ from omegaconf import DictConfig
 
 from vlp.config import ConfigError
 from vlp.losses import clip_loss, siglip_loss
+from vlp.models.bus import add_tsps, check_bus, ptm_loss, text_guidance
 from vlp.models.registry import register_model
 from vlp.models.towers import Tower, build_towers
 
@@ -57,6 +61,12 @@ class DualEncoder(nn.Module):
             init = math.log(1.0 / cfg.init_temperature)
             self.logit_bias = None
         self.logit_scale = nn.Parameter(torch.full((1,), init))
+        self.bus = bool(cfg.bus.enabled)
+        self.ptm_weight = float(cfg.bus.ptm_weight) if self.bus else 0.0
+        if self.bus:
+            add_tsps(self.vision, cfg.bus, text.dim)
+            if self.ptm_weight:
+                self.ptm_proj = nn.Linear(vision.dim, cfg.embed_dim)
         self.locked = {"vision": bool(cfg.vision.locked), "text": bool(cfg.text.locked)}
         for name, locked in self.locked.items():
             if locked:
@@ -77,17 +87,22 @@ class DualEncoder(nn.Module):
             if module is not self and callable(getattr(module, "after_step", None)):
                 module.after_step()
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) normalised pixels -> (B, embed_dim) unit-norm float32 embeddings."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["vision"]):
+    def encode_image(self, images: torch.Tensor, texts: Optional[torch.Tensor] = None,
+                     ptm: bool = False) -> torch.Tensor:
+        """(B,3,H,W) normalised pixels -> (B, embed_dim) unit-norm float32 embeddings. With BUS, `texts`
+        (B, text-tower width) steer the patch selection; None: text-agnostic."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["vision"]), \
+                text_guidance(self.vision, texts, ptm):
             feats = self.vision(images)
         return F.normalize(self.image_proj(feats).float(), dim=-1)
 
+    def _text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["text"]):
+            return self.text(ids, mask)
+
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,L) token ids and mask (1 = real token) -> (B, embed_dim) unit-norm float32 embeddings."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["text"]):
-            feats = self.text(ids, mask)
-        return F.normalize(self.text_proj(feats).float(), dim=-1)
+        return F.normalize(self.text_proj(self._text_features(ids, mask)).float(), dim=-1)
 
     def scale(self) -> torch.Tensor:
         """The logit multiplier exp(logit_scale), clamped at `max_logit_scale` (shape [1], fp32)."""
@@ -111,9 +126,19 @@ class DualEncoder(nn.Module):
         return out
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        image_emb = self.encode_image(batch["image"])
-        text_emb = self.encode_text(batch["text_ids"], batch["text_mask"])
-        return self.compute_loss(image_emb, text_emb)
+        if not self.bus:
+            image_emb = self.encode_image(batch["image"])
+            text_emb = self.encode_text(batch["text_ids"], batch["text_mask"])
+            return self.compute_loss(image_emb, text_emb)
+        texts = self._text_features(batch["text_ids"], batch["text_mask"])
+        text_emb = F.normalize(self.text_proj(texts).float(), dim=-1)
+        image_emb = self.encode_image(batch["image"], texts, ptm=self.ptm_weight > 0)
+        out = self.compute_loss(image_emb, text_emb)
+        if self.ptm_weight:
+            ptm = ptm_loss(self.vision, self.ptm_proj, text_emb, 1.0 / self.scale())
+            out["loss"] = out["loss"] + self.ptm_weight * ptm
+            out["ptm_loss"] = ptm.detach()
+        return out
 
 
 def _check(cfg: DictConfig) -> None:
@@ -144,6 +169,8 @@ def _check(cfg: DictConfig) -> None:
 
 def build_dual_encoder(cfg: DictConfig) -> DualEncoder:
     _check(cfg)
+    if cfg.bus.enabled:
+        check_bus(cfg.bus, cfg.type, cfg.vision)
     vision, text = build_towers(cfg)
     return DualEncoder(cfg, vision, text, objective=cfg.type)
 

@@ -1,0 +1,111 @@
+"""Two CPU ranks under DeepSpeed's launcher (the training test entry, real `vlp.train`): a CLIP with BUS
+patch selection + PTM, and an ALBEF with BUS selection, PAD and PTM, each under ZeRO-2 and ZeRO-3 on the
+same global batches. ZeRO-3 agrees with ZeRO-2 step by step, PTM is logged, and the selector's text
+projection, the PAD queries and the PAD's momentum copy all train and land in the checkpoint."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DIST = os.path.join(HERE, "dist")
+sys.path.insert(0, DIST)
+from albef_tiny import write_tiny_albef, write_vocab  # noqa: E402
+from train_entry import TINY_YAML, write_fixed_batches  # noqa: E402
+
+pytestmark = pytest.mark.slow
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+STEPS = 3
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def _train_both_stages(yaml, common, out, batches):
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+           os.path.join(DIST, "train_entry.py"), "--config", str(yaml), "--fixed", batches,
+           "--runs", "z2:train.zero_stage=2 z3:train.zero_stage=3", *common, f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    z2, z3 = _records(f"{out}/z2"), _records(f"{out}/z3")
+    assert sorted(z2) == sorted(z3) == list(range(1, STEPS + 1))
+    for step in z2:
+        for key in ("loss", "ptm_loss"):
+            assert torch.isfinite(torch.tensor(z2[step][key])), (step, key)
+            assert z3[step][key] == pytest.approx(z2[step][key], rel=1e-4), (step, key)
+    return z2
+
+
+def _trained(run_dir, init, keys):
+    from vlp.export.checkpoint import consolidated_state_dict
+
+    sd = consolidated_state_dict(f"{run_dir}/checkpoints/step_{STEPS:07d}")
+    for key in keys:
+        assert key in sd, key
+        assert not torch.equal(sd[key], init[key]), key  # it trained
+    return sd
+
+
+def _init_state(yaml, common):
+    from vlp.config import load_config
+    from vlp.models import build_model
+    from vlp.train.loop import _seed_all
+
+    _seed_all(0)  # the trainer's initial weights
+    return build_model(load_config(str(yaml), common).model).state_dict()
+
+
+def test_clip_with_bus_trains_on_two_ranks_zero2_and_zero3(synth_train, tmp_path):
+    from vlp.config import load_config
+
+    cfg = OmegaConf.merge(OmegaConf.create(TINY_YAML),
+                          {"model": {"vision": {"kwargs": {"depth": 3}}, "bus": {"enabled": True, "blocks": [0, 1]}}})
+    yaml = tmp_path / "tiny.yaml"
+    yaml.write_text(OmegaConf.to_yaml(cfg))
+    common = [f"data.train_shards={synth_train}", f"train.steps={STEPS}", "train.warmup_steps=1",
+              "train.micro_batch_size=8", "train.save_every=0"]
+    batches = str(tmp_path / "batches.pt")
+    write_fixed_batches(load_config(str(yaml), common), batches, n=STEPS, global_batch=16)
+    _train_both_stages(yaml, common, tmp_path / "two", batches)
+    init = _init_state(yaml, common)
+    keys = ["vision.blocks.0.text_in.weight", "vision.blocks.1.text_in.weight", "ptm_proj.weight"]
+    for run in ("z2", "z3"):
+        _trained(tmp_path / "two" / run, init, keys)
+
+
+def test_albef_with_bus_and_pad_trains_on_two_ranks_zero2_and_zero3(synth_train, tmp_path):
+    from vlp.config import load_config
+
+    vocab = write_vocab(synth_train, str(tmp_path / "bert"))
+    yaml = write_tiny_albef(str(tmp_path / "tiny.yaml"), vocab)
+    common = [f"data.train_shards={synth_train}", f"train.steps={STEPS}", "train.micro_batch_size=4",
+              "train.save_every=0", "model.albef.queue_size=24", "model.bus.enabled=true", "model.bus.blocks=[0]",
+              "model.bus.pad_queries=4", "model.bus.pad_layers=1"]
+    batches = str(tmp_path / "batches.pt")
+    write_fixed_batches(load_config(yaml, common), batches, n=STEPS, global_batch=8)
+    z2 = _train_both_stages(yaml, common, tmp_path / "two", batches)
+    for step in z2:
+        for key in ("itc_loss", "itm_loss", "mlm_loss"):
+            assert torch.isfinite(torch.tensor(z2[step][key])), (step, key)
+    init = _init_state(yaml, common)
+    keys = ["vision.blocks.0.text_in.weight", "pad.queries", "ptm_proj.weight", "momentum_models.pad.queries",
+            "momentum_models.vision.blocks.0.text_in.weight"]
+    for run in ("z2", "z3"):
+        sd = _trained(tmp_path / "two" / run, init, keys)
+        assert not torch.equal(sd["momentum_models.pad.queries"], sd["pad.queries"])  # the EMA lags
