@@ -30,13 +30,13 @@ def _batch(n=4, seed=0, size=32, length=16):
             "text_mask": torch.ones(n, length, dtype=torch.long)}
 
 
-def _randomize_text_in(model, seed=1):
+def _randomize_text_q(model, seed=1):
     from vlp.models.bus import tsps_blocks
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for b in tsps_blocks(model.vision):
-            b.text_in.weight.copy_(torch.randn(b.text_in.weight.shape, generator=g))
+            b.text_q.weight.copy_(torch.randn(b.text_q.weight.shape, generator=g))
 
 
 def test_vit_b16_token_counts_at_224_with_trips_defaults():
@@ -57,22 +57,25 @@ def test_vit_b16_token_counts_at_224_with_trips_defaults():
         vit(torch.zeros(2, 3, 224, 224))
     hook.remove()
     assert seen == [1 + 99]  # [CLS] + patches, under a text too
-    assert "vision.blocks.4.text_in.weight" in model.state_dict()
+    assert "vision.blocks.4.text_q.weight" in model.state_dict()
 
 
 def _manual_scores(block, h, texts):
-    """The selector's patch scores by hand from the block's weights: query = [CLS] + W_t t through the
-    qkv projection's q rows, keys of all tokens; softmax over tokens, mean over heads, patch columns."""
+    """The selector's patch scores by hand from the block's weights: the mean of the [CLS] attention
+    row (qkv's q/k rows, softmax over all tokens, mean over heads, patch columns) and the text
+    relevance softmax_n <W_q t, W_k p_n> / sqrt(d)."""
     attn = block.attn
     D = h.shape[-1]
     H, hd = attn.num_heads, attn.head_dim
     wq, bq = attn.qkv.weight[:D], attn.qkv.bias[:D]
     wk, bk = attn.qkv.weight[D:2 * D], attn.qkv.bias[D:2 * D]
-    query = h[:, 0] + texts @ block.text_in.weight.T
-    q = (query @ wq.T + bq).reshape(-1, H, hd)
+    q = (h[:, 0] @ wq.T + bq).reshape(-1, H, hd)
     k = (h @ wk.T + bk).reshape(h.shape[0], h.shape[1], H, hd)
-    logits = torch.einsum("bhd,bnhd->bhn", q, k) * hd ** -0.5
-    return logits.softmax(-1).mean(1)[:, 1:]
+    cls_attn = (torch.einsum("bhd,bnhd->bhn", q, k) * hd ** -0.5).softmax(-1).mean(1)[:, 1:]
+    tq = texts @ block.text_q.weight.T
+    pk = h[:, 1:] @ block.patch_k.weight.T
+    rel = (torch.einsum("bd,bnd->bn", tq, pk) * tq.shape[-1] ** -0.5).softmax(-1)
+    return 0.5 * (cls_attn + rel)
 
 
 def test_selection_follows_text_scores_keeps_cls_and_fuses_the_rest(monkeypatch):
@@ -80,7 +83,7 @@ def test_selection_follows_text_scores_keeps_cls_and_fuses_the_rest(monkeypatch)
     from vlp.models.bus import text_guidance, tsps_blocks
 
     model = _tiny_clip()
-    _randomize_text_in(model)
+    _randomize_text_q(model)
     block = tsps_blocks(model.vision)[0]
     seen = {}
     real = bus.reorganize
@@ -121,7 +124,7 @@ def test_selection_follows_text_scores_keeps_cls_and_fuses_the_rest(monkeypatch)
     from vlp.models.evit import attention_with_cls
 
     _, cls_attn = attention_with_cls(block.attn, block.norm1(x), 1)
-    torch.testing.assert_close(seen["scores"], cls_attn)
+    torch.testing.assert_close(seen["scores"], 0.5 * (cls_attn + 1.0 / 16))  # uniform relevance: EViT's ranking
 
 
 def test_ptm_grid_diagonal_is_the_paired_selection():
@@ -129,7 +132,7 @@ def test_ptm_grid_diagonal_is_the_paired_selection():
     from vlp.models.bus import text_guidance
 
     model = _tiny_clip()
-    _randomize_text_in(model)
+    _randomize_text_q(model)
     batch = _batch(4)
     texts = torch.randn(4, 32)
     with torch.no_grad():
@@ -146,7 +149,7 @@ def test_ptm_loss_is_symmetric_infonce_over_pooled_pairs():
     from vlp.models.bus import ptm_loss, text_guidance, tsps_blocks
 
     model = _tiny_clip()
-    _randomize_text_in(model)
+    _randomize_text_q(model)
     batch = _batch(4)
     with torch.no_grad():
         texts = model._text_features(batch["text_ids"], batch["text_mask"])
@@ -172,9 +175,9 @@ def test_gradients_reach_the_selector_through_fusion_and_ptm_only():
 
     def grads(*extra):
         model = _tiny_clip(*extra)
-        _randomize_text_in(model)
+        _randomize_text_q(model)
         model(_batch(4))["loss"].backward()
-        return [b.text_in.weight.grad for b in tsps_blocks(model.vision)]
+        return [b.text_q.weight.grad for b in tsps_blocks(model.vision)]
 
     assert all(g is not None and g.abs().sum() > 0 for g in grads("model.bus.ptm_weight=0"))  # via fusion
     assert all(g is not None and g.abs().sum() > 0 for g in grads("model.bus.fuse=false"))  # via PTM
@@ -183,7 +186,7 @@ def test_gradients_reach_the_selector_through_fusion_and_ptm_only():
 
 def test_dual_encoder_logs_ptm_and_encodes_images_without_text():
     model = _tiny_clip()
-    _randomize_text_in(model)
+    _randomize_text_q(model)
     batch = _batch(4)
     out = model(batch)
     assert torch.isfinite(out["loss"]) and out["ptm_loss"] > 0
@@ -229,7 +232,7 @@ def test_albef_with_pad_feeds_the_fusion_encoder_cls_plus_summaries(tmp_path, sy
     assert out["ptm_loss"] > 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert model.pad.queries.grad.abs().sum() > 0
-    assert all(b.text_in.weight.grad.abs().sum() > 0 for b in tsps_blocks(model.vision))
+    assert all(b.text_q.weight.grad.abs().sum() > 0 for b in tsps_blocks(model.vision))
     model.after_step()  # the momentum PAD follows the online one
     torch.testing.assert_close(model.momentum_models["pad"].queries, model.pad.queries)  # no step taken yet
 
@@ -239,7 +242,7 @@ def test_albef_with_pad_feeds_the_fusion_encoder_cls_plus_summaries(tmp_path, sy
         raw = model.vision(batch["image"])
     torch.testing.assert_close(tokens[:, 0], raw[:, 0])
     # ITM re-ranking selects patches under the candidate text; ITC embeddings use no text
-    _randomize_text_in(model)
+    _randomize_text_q(model)
     model.eval()
     with torch.no_grad():
         s1 = model.match_scores(batch["image"], ids, batch["text_mask"])
@@ -273,3 +276,48 @@ def test_errors_name_the_key(tmp_path):
         build_model(_clip_cfg(vit, "model.bus.blocks=[1]", "model.vision.locked=true"))
     with pytest.raises(Unsupported, match=r"model\.bus.*--format vlp"):
         check_dual_encoder(_tiny_clip())
+
+
+def test_albef_flops_count_a_real_training_step_and_leave_the_model_untouched(tmp_path, synth_train):
+    """ALBEF's FLOPs per sample come from one counted forward + backward (momentum passes, ITM pairs,
+    MLM); counting changes no buffer, gradient, step counter or global RNG draw. BUS's selectors and
+    PAD make the counted step cheaper than plain ALBEF's at the same towers."""
+    from vlp.models.flops import _count, flops_per_sample
+
+    bus = _tiny_albef(tmp_path, synth_train, "model.bus.pad_queries=2")
+    plain = _tiny_albef(tmp_path, synth_train, "model.bus.enabled=false")
+    for model in (bus, plain):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        rng = torch.get_rng_state()
+        flops = flops_per_sample(model, 32, 16)
+        assert torch.equal(torch.get_rng_state(), rng) and model.training and model._micro == 0
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert all(p.grad is None for p in model.parameters())
+        with torch.enable_grad():
+            towers = _count(model.eval().encode_image, torch.zeros(1, 3, 32, 32)) + \
+                _count(model.encode_text, torch.full((1, 16), 5), torch.ones(1, 16, dtype=torch.long))
+        model.train()
+        assert flops > 3 * towers  # more than forward + backward of the two encoders alone
+    assert flops_per_sample(bus, 32, 16) < flops_per_sample(plain, 32, 16)
+
+
+def test_ptm_trains_the_relevance_head_only():
+    """PTM's gradient reaches the selector's text-relevance head and PTM projection, never the ViT's own
+    weights (the block's q/k are shared with its attention) nor the text tower."""
+    from vlp.models.bus import ptm_loss, text_guidance
+
+    model = _tiny_clip()
+    _randomize_text_q(model)
+    batch = _batch(4)
+    texts = model._text_features(batch["text_ids"], batch["text_mask"])
+    t = F.normalize(model.text_proj(texts), dim=-1)
+    with text_guidance(model.vision, texts, ptm=True):
+        model.vision(batch["image"])
+    ptm_loss(model.vision, model.ptm_proj, t, torch.tensor([0.07])).backward()
+    head = {n for n, _ in model.named_parameters() if ".text_q." in n or ".patch_k." in n or n.startswith("ptm_proj.")}
+    assert len(head) == 6  # 2 selectors x (text_q, patch_k) + ptm_proj weight and bias
+    for name, p in model.named_parameters():
+        if name in head:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None or p.grad.abs().sum() == 0, name

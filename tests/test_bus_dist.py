@@ -1,7 +1,8 @@
 """Two CPU ranks under DeepSpeed's launcher (the training test entry, real `vlp.train`): a CLIP with BUS
 patch selection + PTM, and an ALBEF with BUS selection, PAD and PTM, each under ZeRO-2 and ZeRO-3 on the
 same global batches. ZeRO-3 agrees with ZeRO-2 step by step, PTM is logged, and the selector's text
-projection, the PAD queries and the PAD's momentum copy all train and land in the checkpoint."""
+projection, the PAD queries and the PAD's momentum copy all train and land in the checkpoint; the
+ALBEF + BUS checkpoint evaluates (ITC and ITM re-ranked retrieval) and exports in the vlp format."""
 import json
 import os
 import socket
@@ -84,12 +85,12 @@ def test_clip_with_bus_trains_on_two_ranks_zero2_and_zero3(synth_train, tmp_path
     write_fixed_batches(load_config(str(yaml), common), batches, n=STEPS, global_batch=16)
     _train_both_stages(yaml, common, tmp_path / "two", batches)
     init = _init_state(yaml, common)
-    keys = ["vision.blocks.0.text_in.weight", "vision.blocks.1.text_in.weight", "ptm_proj.weight"]
+    keys = ["vision.blocks.0.text_q.weight", "vision.blocks.1.text_q.weight", "ptm_proj.weight"]
     for run in ("z2", "z3"):
         _trained(tmp_path / "two" / run, init, keys)
 
 
-def test_albef_with_bus_and_pad_trains_on_two_ranks_zero2_and_zero3(synth_train, tmp_path):
+def test_albef_with_bus_and_pad_trains_on_two_ranks_zero2_and_zero3(synth_train, synth_test, tmp_path):
     from vlp.config import load_config
 
     vocab = write_vocab(synth_train, str(tmp_path / "bert"))
@@ -104,8 +105,30 @@ def test_albef_with_bus_and_pad_trains_on_two_ranks_zero2_and_zero3(synth_train,
         for key in ("itc_loss", "itm_loss", "mlm_loss"):
             assert torch.isfinite(torch.tensor(z2[step][key])), (step, key)
     init = _init_state(yaml, common)
-    keys = ["vision.blocks.0.text_in.weight", "pad.queries", "ptm_proj.weight", "momentum_models.pad.queries",
-            "momentum_models.vision.blocks.0.text_in.weight"]
+    keys = ["vision.blocks.0.text_q.weight", "pad.queries", "ptm_proj.weight", "momentum_models.pad.queries",
+            "momentum_models.vision.blocks.0.text_q.weight"]
     for run in ("z2", "z3"):
         sd = _trained(tmp_path / "two" / run, init, keys)
         assert not torch.equal(sd["momentum_models.pad.queries"], sd["pad.queries"])  # the EMA lags
+
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    out = tmp_path / "retrieval.json"
+    proc = subprocess.run([sys.executable, "-m", "vlp.cli", "eval", "retrieval", "--checkpoint", str(tmp_path / "two" / "z3"),
+                           "--data", str(synth_test), "--out", str(out), "--rerank-k", "4", "--workers", "0",
+                           "--batch-size", "8", "--max-samples", "16"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["n_images"] == 16 and res["rerank_k"] == 4
+    for part in ("metrics", "reranked"):
+        assert 0.0 <= res[part]["mean_recall"] <= 1.0
+    proc = subprocess.run([sys.executable, "-m", "vlp.cli", "export", "--checkpoint", str(tmp_path / "two" / "z3"),
+                           "--format", "vlp", "--out", str(tmp_path / "export")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "reloaded and matched the trained model" in proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "vlp.cli", "export", "--checkpoint", str(tmp_path / "two" / "z3"),
+                           "--format", "open_clip", "--out", str(tmp_path / "oc")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--format vlp" in proc.stderr and not (tmp_path / "oc").exists()

@@ -127,6 +127,7 @@ class BUSConfig:
     pad_layers: int = 2  # PAD decoder layers (ours)
     pad_heads: int = 0  # PAD attention heads; 0: ViT width / 64
     ptm_weight: float = 1.0  # weight of the patch-text matching loss; 0 = off
+    ptm_temperature: float = 0.0  # PTM logit temperature; 0: the model's contrastive temperature
 
 
 @dataclass

@@ -37,7 +37,9 @@ Choices made here, all rank-count invariant (1 rank x 2B gives the losses of 2 r
   when configured, summarises the image tokens the fusion encoder reads (a momentum copy of it feeds
   the MLM teacher); the patch-text matching loss is added with `model.bus.ptm_weight`. ITM pairs reuse
   each image's tokens as selected under its own caption (re-encoding every image under each negative
-  text would add two ViT passes per step).
+  text would add two ViT passes per step). PTM contrasts the pairs of each rank's own batch (B x B
+  relevance maps per selector), so with BUS the PTM term alone depends on the per-rank batch, like
+  open_clip's local loss.
 """
 from __future__ import annotations
 
@@ -114,6 +116,7 @@ class ALBEF(nn.Module):
         self.bus = bool(bus.enabled)
         self.pad = build_pad(bus, vision.dim) if self.bus else None
         self.ptm_weight = float(bus.ptm_weight) if self.bus else 0.0
+        self.ptm_temperature = float(bus.ptm_temperature)
         if self.bus:
             add_tsps(self.vision, bus, width)
             if self.ptm_weight:
@@ -174,6 +177,16 @@ class ALBEF(nn.Module):
         fused = self.fusion(text, mask, image)
         return self.itm_head(fused[:, 0]).float()[:, 1]
 
+    def example_batch(self, n: int, image_size: int, context_length: int, like: torch.Tensor) -> Dict[str, Any]:
+        """A batch of `n` zero images and full-length captions ([CLS], one ordinary token, [SEP]): what
+        `flops_per_sample` runs one training step on (MLM finds maskable tokens in it)."""
+        special = {int(self.opts[k]) for k in _TOKEN_KEYS}
+        word = next(i for i in range(self.vocab_size) if i not in special)
+        ids = torch.full((n, context_length), word, dtype=torch.long, device=like.device)
+        ids[:, 0], ids[:, -1] = int(self.opts["cls_token_id"]), int(self.opts["sep_token_id"])
+        return {"image": torch.zeros(n, 3, image_size, image_size, dtype=like.dtype, device=like.device),
+                "text_ids": ids, "text_mask": torch.ones_like(ids)}
+
     # ------------------------------------------------------------------------------------- training
     def alpha(self) -> float:
         return alpha_at(int(self.steps.item()), self.opts["alpha"], int(self.opts["alpha_warmup_steps"]))
@@ -222,7 +235,8 @@ class ALBEF(nn.Module):
         img_feat = F.normalize(self.vision_proj(img_tok[:, 0]).float(), dim=-1)
         extra: Dict[str, Any] = {}
         if self.ptm_weight:
-            ptm = ptm_loss(self.vision, self.ptm_proj, txt_feat, temp)
+            ptm = ptm_loss(self.vision, self.ptm_proj, txt_feat,
+                           temp.new_full((1,), self.ptm_temperature) if self.ptm_temperature else temp)
             extra["ptm_loss"] = ptm.detach()
 
         mm = self.momentum_models

@@ -14,27 +14,31 @@ our proposal, built on the same authors' TRIPS (Jiang et al., EMNLP 2022, arXiv 
 text-relevant patch selection BUS extends) and on EViT's token fusion:
 
 - TSPS (`TSPSBlock`, at `model.bus.blocks`, default 0-based 4 and 9 of 12 = TRIPS's layers 5 and 10,
-  keep rate 0.7 as TRIPS): the selector query is the image [CLS] (normalised block input) plus a
-  projection of the text feature into the ViT width, sent through the block's own q projection; its
-  attention over the patch keys (softmax over all tokens, mean over heads) scores the patches. The top
-  ceil(keep_rate * n) patches stay; the rest are fused into one token weighted by their scores (TRIPS
-  and EViT), so the selector gets gradients from the main losses through the fused token. The text
-  projection (`text_in`, no bias) starts at zero: the selector starts as EViT's [CLS] attention and
-  learns how much the text should steer it. Without a text (`guide=None`) the projection's input is
-  zero, which gives exactly that text-agnostic [CLS] ranking.
+  keep rate 0.7 as TRIPS): each patch's score is the mean of two distributions over the patches: the
+  image [CLS]'s attention (the block's own, averaged over heads: what EViT ranks by) and a
+  text-relevance head, softmax_n <W_q t, W_k p_n> / sqrt(d) with the text feature t and the block's
+  normalised patch inputs p_n (d = the block's head width; W_q zero-initialised, so the selector
+  starts as EViT's ranking). The top ceil(keep_rate * n) patches stay; the rest are fused into one
+  token weighted by their scores (TRIPS, EViT), so the main losses reach the scores through the fused
+  token. Without a text (`guide=None`) the relevance is uniform and the ranking is exactly the
+  text-agnostic [CLS] attention. The head reads the text feature and the patch features detached: it
+  trains itself, not the encoders. (TRIPS instead sends the text [CLS] through the block's own query
+  projection; measured here, any auxiliary loss through the block's shared q/k, as PTM is, degraded
+  retrieval badly, BENCHMARKS.md "BUS", so the selector got its own head.)
 - PAD (`PatchAbstractionDecoder`, `model.bus.pad_queries` learnable queries, `pad_layers` pre-norm
   decoder layers: self-attention among queries, cross-attention to the ViT's output tokens, MLP): the
   fusion encoder reads [CLS] followed by the query outputs instead of every kept patch. ITC keeps the
   ViT's [CLS] itself.
 - PTM (`ptm_loss`): the paper's labels are unknown to us and there are no boxes in image-text data,
   so PTM here is a matching task between the patches each text selects and that text. At every TSPS
-  block, for every image i and every text j of the local batch, the selector scores image i's patches
-  under text j; the score-weighted mean of those patches, projected to the ITC space, must match text j
-  (its ITC feature, detached) better than it matches the other texts, and better than the patches other
-  images offer text j: a symmetric InfoNCE over the B x B pairs at the ITC temperature (detached). The
-  pooled features are convex combinations of image patches only, so the loss can fall only by steering
-  the selection towards the patches that identify the text. The loss reaches the selector (`text_in`,
-  the block's q/k) and the patch features, not the text encoder.
+  block, for every image i and every text j of the local batch, the relevance head scores image i's
+  patches under text j; the relevance-weighted mean of those (detached) patches, projected to the ITC
+  space, must match text j (its ITC feature, detached) better than it matches the other texts, and
+  better than the patches other images offer text j: a symmetric InfoNCE over the B x B pairs at the
+  model's contrastive temperature (detached; `model.bus.ptm_temperature` fixes another). The pooled
+  features are convex combinations of image patches only, so the loss can fall only by steering the
+  relevance towards the patches that identify the text. It trains the relevance head and its
+  projection only. The pairs are each rank's own batch, not the gathered one.
 
 Evaluation: image embeddings for ITC ranking must not depend on the text they are compared with (one
 image pass per query text would make retrieval O(N^2) ViT passes), so `encode_image` runs the
@@ -53,14 +57,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp.config import ConfigError
-from vlp.models.evit import attention_with_queries, reorganize
+from vlp.models.evit import attention_with_cls, reorganize
 
 
 class TSPSBlock(nn.Module):
     """A timm ViT `Block` that keeps the text-relevant patch tokens between attention and MLP.
 
-    It takes over the block's submodules under their names (state-dict keys unchanged) and adds
-    `text_in` (text width -> ViT width, no bias, zero init). Set the text for one forward with
+    It takes over the block's submodules under their names (state-dict keys unchanged) and adds the
+    text-relevance head: `text_q` (text width -> d, no bias, zero init) and `patch_k` (ViT width -> d,
+    no bias), d = the block's head width. Set the text for one forward with
     `text_guidance(vision, texts, ptm=...)`.
     """
 
@@ -68,14 +73,29 @@ class TSPSBlock(nn.Module):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
-        dim = block.norm1.normalized_shape[0]
-        self.text_in = nn.Linear(text_dim, dim, bias=False)
-        nn.init.zeros_(self.text_in.weight)
+        dim, d = block.norm1.normalized_shape[0], block.attn.head_dim
+        self.text_q = nn.Linear(text_dim, d, bias=False)
+        nn.init.zeros_(self.text_q.weight)
+        self.patch_k = nn.Linear(dim, d, bias=False)
+        nn.init.trunc_normal_(self.patch_k.weight, std=dim ** -0.5)
         self.keep_rate, self.num_prefix, self.fuse = float(keep_rate), int(num_prefix), bool(fuse)
         self.text_dim = int(text_dim)
         self.guide: Optional[torch.Tensor] = None  # (B, text_dim) texts of this forward, or None
-        self.ptm = False  # score every image under every text of the batch (PTM)
+        self.ptm = False  # also score every image under every text of the batch (PTM)
         self.ptm_pooled: Optional[torch.Tensor] = None  # (B_img, B_txt, D) after a PTM forward
+
+    def relevance(self, texts: torch.Tensor, patches: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+        """Text-relevance distribution over patches: softmax_n <text_q t, patch_k p_n> / sqrt(d).
+        texts (T, text_dim), patches (B, n, D) -> (B, n) with T = B (image i under text i), or with
+        `pairs` (B, T, n) (image i under text j). Patch features enter detached: the head reads them."""
+        q = self.text_q(texts.detach().to(patches.dtype))  # (T, d)
+        k = self.patch_k(patches.detach())  # (B, n, d)
+        scale = q.shape[-1] ** -0.5
+        if pairs:
+            logits = torch.einsum("td,bnd->btn", q, k)
+        else:
+            logits = torch.einsum("bd,bnd->bn", q, k)
+        return (logits.float() * scale).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
@@ -83,22 +103,22 @@ class TSPSBlock(nn.Module):
         B = x.shape[0]
         h = self.norm1(x)
         texts = self.guide
-        if texts is None:  # text-agnostic: the same modules run, on a zero text
+        if texts is None:  # text-agnostic: the same modules run on a zero text -> uniform relevance
             texts = h.new_zeros(B, self.text_dim)
         elif texts.shape[0] != B:
             raise ValueError(f"TSPS: {texts.shape[0]} texts for {B} images")
-        g = self.text_in(texts.to(h.dtype))  # (B, D)
-        cls = h[:, :1]
-        queries = cls + g.unsqueeze(0) if self.ptm else cls + g.unsqueeze(1)  # (B, B, D) | (B, 1, D)
-        out, scores = attention_with_queries(self.attn, h, self.num_prefix, queries)
+        out, cls_attn = attention_with_cls(self.attn, h, self.num_prefix)
+        patches = h[:, self.num_prefix:]
         if self.ptm:
-            sel = scores.diagonal(dim1=0, dim2=1).T  # (B, n): image i under its own text i
-            weights = scores / scores.sum(-1, keepdim=True)
-            self.ptm_pooled = torch.einsum("ijn,ind->ijd", weights.to(h.dtype), h[:, self.num_prefix:])
+            grid = self.relevance(texts, patches, pairs=True)  # (B, B, n)
+            rel = grid.diagonal(dim1=0, dim2=1).T  # (B, n): image i under its own text i
+            # the patch values are evidence, not trained by PTM: its gradient reaches the relevance head
+            self.ptm_pooled = torch.einsum("ijn,ind->ijd", grid.to(h.dtype), patches.detach())
         else:
-            sel = scores[:, 0]
+            rel = self.relevance(texts, patches)
+        scores = 0.5 * (cls_attn + rel)
         x = x + self.drop_path1(self.ls1(out))
-        x, _ = reorganize(x, sel, self.keep_rate, self.num_prefix, self.fuse)
+        x, _ = reorganize(x, scores, self.keep_rate, self.num_prefix, self.fuse)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def extra_repr(self) -> str:
@@ -212,6 +232,9 @@ def check_bus(bcfg: Any, family: str, vcfg: Any) -> None:
                           f"got {bcfg.pad_queries}/{bcfg.pad_layers}/{bcfg.pad_heads}")
     if bcfg.ptm_weight < 0:
         raise ConfigError(f"bad value for 'model.bus.ptm_weight': must be >= 0, got {bcfg.ptm_weight}")
+    if bcfg.ptm_temperature < 0:
+        raise ConfigError(f"bad value for 'model.bus.ptm_temperature': must be > 0, or 0 for the model's "
+                          f"contrastive temperature; got {bcfg.ptm_temperature}")
     if family != "albef" and bcfg.pad_queries:
         raise ConfigError(f"model.bus.pad_queries={bcfg.pad_queries}: the Patch Abstraction Decoder feeds a fusion "
                           f"encoder, which model.type={family} has none of; set it to 0 (TSPS and PTM still apply)")

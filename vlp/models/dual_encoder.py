@@ -63,6 +63,7 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), init))
         self.bus = bool(cfg.bus.enabled)
         self.ptm_weight = float(cfg.bus.ptm_weight) if self.bus else 0.0
+        self.ptm_temperature = float(cfg.bus.ptm_temperature)
         if self.bus:
             add_tsps(self.vision, cfg.bus, text.dim)
             if self.ptm_weight:
@@ -135,7 +136,9 @@ class DualEncoder(nn.Module):
         image_emb = self.encode_image(batch["image"], texts, ptm=self.ptm_weight > 0)
         out = self.compute_loss(image_emb, text_emb)
         if self.ptm_weight:
-            ptm = ptm_loss(self.vision, self.ptm_proj, text_emb, 1.0 / self.scale())
+            temp = 1.0 / self.scale()
+            ptm = ptm_loss(self.vision, self.ptm_proj, text_emb,
+                           temp.new_full((1,), self.ptm_temperature) if self.ptm_temperature else temp)
             out["loss"] = out["loss"] + self.ptm_weight * ptm
             out["ptm_loss"] = ptm.detach()
         return out

@@ -38,40 +38,26 @@ def keep_rate_at(step: int, keep_rate: float, shrink_start: int, shrink_steps: i
     return keep_rate + (1.0 - keep_rate) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def attention_with_queries(attn: nn.Module, x: torch.Tensor, num_prefix: int,
-                           queries: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm `Attention.forward` on `x` (B,N,C), plus attention probabilities over the patch tokens of
-    selector queries, averaged over heads: (B, Q, N - num_prefix), float32.
+def attention_with_cls(attn: nn.Module, x: torch.Tensor, num_prefix: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """timm `Attention.forward` on `x` (B,N,C), plus the [CLS] row of its attention probabilities over the
+    patch tokens, averaged over heads: (B, N - num_prefix), float32.
 
-    `queries` (B, Q, C), in the block's normalised input space, go through the block's own q/k
-    projection (one `qkv` call with the tokens, so ZeRO-3 gathers nothing extra) and attend over all N
-    keys; only their patch columns are returned. Without `queries` the one query is [CLS] itself (EViT).
-    The output goes through fused scaled-dot-product attention; the selector rows are recomputed from
-    the same q and k (a small extra matmul), so no full N x N probability matrix is kept.
+    The output goes through fused scaled-dot-product attention; the [CLS] row is recomputed from the same
+    q and k (one query: a small extra matmul), so no full N x N probability matrix is kept.
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    tokens = x if queries is None else torch.cat([x, queries], dim=1)
-    qkv = attn.qkv(tokens).reshape(B, tokens.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    q_sel = q[:, :, :1] if queries is None else q[:, :, N:]
-    q, k, v = q[:, :, :N], k[:, :, :N], v[:, :, :N]
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    logits = (q_sel.float() * attn.scale) @ k.float().transpose(-2, -1)  # (B, H, Q, N)
-    probs = logits.softmax(dim=-1).mean(dim=1)[:, :, num_prefix:]
+    logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)  # (B, H, 1, N)
+    cls_attn = logits.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]
     out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), probs
-
-
-def attention_with_cls(attn: nn.Module, x: torch.Tensor, num_prefix: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm `Attention.forward` on `x` (B,N,C), plus the [CLS] row of its attention probabilities over the
-    patch tokens, averaged over heads: (B, N - num_prefix), float32."""
-    out, probs = attention_with_queries(attn, x, num_prefix)
-    return out, probs[:, 0]
+    return attn.proj_drop(attn.proj(out)), cls_attn
 
 
 def reorganize(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, num_prefix: int = 1,
@@ -189,4 +175,4 @@ def token_counts(model: nn.Module, image_size: int) -> list:
     return counts
 
 
-__all__ = ["EViTBlock", "add_evit", "attention_with_cls", "attention_with_queries", "reorganize", "keep_rate_at", "check_evit", "token_counts"]
+__all__ = ["EViTBlock", "add_evit", "attention_with_cls", "reorganize", "keep_rate_at", "check_evit", "token_counts"]

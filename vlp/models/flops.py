@@ -22,9 +22,37 @@ def _count(fn, *args) -> int:
     return counter.get_total_flops()
 
 
+def _training_step_flops(model: nn.Module, batch: dict) -> int:
+    """FLOPs of one real training forward + backward on a batch, leaving the model as it was: run in eval
+    mode (no dropout draws from the global RNG), buffers (queues, pointers, step counters), gradients,
+    the global RNG state and the model's own step attributes restored afterwards."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    attrs = {k: v for k, v in vars(model).items() if not k.startswith("_") and isinstance(v, (int, float))}
+    micro = getattr(model, "_micro", None)
+    rng = torch.get_rng_state()
+    try:
+        with torch.enable_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
+            model(batch)["loss"].backward()
+        return counter.get_total_flops()
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        vars(model).update(attrs)
+        if micro is not None:
+            model._micro = micro
+        torch.set_rng_state(rng)
+
+
 def flops_per_sample(model: nn.Module, image_size: Optional[int] = None,
                      context_length: Optional[int] = None) -> float:
     """FLOPs of one training sample: 3x forward (forward + backward) for trainable towers, 1x for locked ones.
+
+    Fusion models (ALBEF: they have `example_batch`) run much more than one pass of each tower per
+    sample (momentum copies, the fusion encoder on positive and negative pairs, MLM): for them one real
+    training forward + backward of the model's 2-sample example batch is counted and halved.
 
     Counts the matmul/conv/attention FLOPs torch's FlopCounterMode sees in one forward of one sample,
     in eval mode (all patches: patch dropout's saving is not counted; nor is the loss's B x B matrix).
@@ -40,6 +68,11 @@ def flops_per_sample(model: nn.Module, image_size: Optional[int] = None,
     locked = getattr(model, "locked", {})
     was_training = model.training
     model.eval()
+    if callable(getattr(model, "example_batch", None)):
+        try:
+            return float(_training_step_flops(model, model.example_batch(2, image_size, context_length, param))) / 2
+        finally:
+            model.train(was_training)
     try:
         with torch.enable_grad():  # torch's module tracker fails on parameter views made under no_grad
             vision = _count(model.encode_image, images)
