@@ -276,6 +276,10 @@ def test_errors_name_the_key(tmp_path):
         build_model(_clip_cfg(vit, "model.bus.blocks=[1]", "model.vision.locked=true"))
     with pytest.raises(Unsupported, match=r"model\.bus.*--format vlp"):
         check_dual_encoder(_tiny_clip())
+    from vlp.train.grad_cache import check_model
+
+    with pytest.raises(ConfigError, match=r"train\.grad_cache.*model\.bus\.enabled"):
+        check_model(_tiny_clip())
 
 
 def test_albef_flops_count_a_real_training_step_and_leave_the_model_untouched(tmp_path, synth_train):
