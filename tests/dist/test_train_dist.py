@@ -1,5 +1,6 @@
 """Two CPU ranks (gloo) under DeepSpeed's launcher: ZeRO 0-3 reproduce one rank's losses, and a
 run stopped by SIGTERM, then killed (a rank dies), resumes to exactly the uninterrupted losses."""
+import glob
 import json
 import os
 import socket
@@ -27,9 +28,16 @@ def _launch(script, *args, timeout=300):
     """`deepspeed --num_gpus 2 SCRIPT ARGS` -> (returncode, combined output)."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+    port = _port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            script, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        # a rank killed on purpose (--fault kill) cannot release its DeepSpeed CPU all-reduce buffer
+        # (~66 MB of RAM in /dev/shm); every rank of this job is gone now, so drop this port's buffers
+        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+            os.unlink(leftover)
     return proc.returncode, proc.stdout + proc.stderr
 
 
