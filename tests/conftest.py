@@ -39,6 +39,9 @@ def own_process_group():
     if dist.is_initialized():
         import deepspeed.comm
 
+        from vlp.train.dist import release_shm_buffer
+
+        release_shm_buffer()
         deepspeed.comm.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)

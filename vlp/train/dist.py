@@ -12,7 +12,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -60,24 +60,39 @@ def setup_distributed(timeout_s: int) -> DistInfo:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
         if acc.device_name() == "cpu":
-            atexit.register(release_shm_buffer)
+            path = _shm_buffer_path()
+            if path and not _SHM_BUFFERS:
+                atexit.register(release_shm_buffer)
+            if path:
+                _SHM_BUFFERS.append(path)
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
-def release_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer in /dev/shm (~66 MB of RAM each).
+_SHM_BUFFERS: List[str] = []  # buffer names of the process groups this process set up
 
-    DeepSpeed's shm comm op creates `deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}` and never
-    removes it, so every finished CPU run leaked RAM until the machine swapped. Unlinking only drops
-    the name: peers that still have it mapped keep working."""
+
+def _shm_buffer_path() -> Optional[str]:
     addr, port, rank = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), os.environ.get("RANK")
     if not (addr and port and rank):
-        return
-    path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-    try:
-        os.unlink(path)
-    except OSError:  # never created (world of one, GPU run) or already gone
-        pass
+        return None
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffers in /dev/shm (~66 MB of RAM each).
+
+    DeepSpeed's shm comm op creates `deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}` and never
+    removes it, so every finished CPU run leaked RAM until the machine swapped. The names are recorded
+    when the group is set up (a caller may have changed the env:// variables since), plus the one the
+    current environment names. Unlinking only drops the name: peers that still have it mapped keep
+    working."""
+    current = _shm_buffer_path()
+    for path in set(_SHM_BUFFERS + ([current] if current else [])):
+        try:
+            os.unlink(path)
+        except OSError:  # never created (world of one, GPU run) or already gone
+            pass
+    _SHM_BUFFERS.clear()
 
 
 def all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
