@@ -145,7 +145,7 @@ class ALBEF(nn.Module):
         """Image tokens for the fusion encoder, [CLS] first. With BUS: patches selected under `texts`
         (B, text width; None = text-agnostic), then the PAD summary when configured."""
         vision = self.momentum_models["vision"] if momentum else self.vision
-        with text_guidance(vision, texts, ptm):
+        with text_guidance(vision, texts, ptm) if self.bus else contextlib.nullcontext():
             tokens = image_tokens(vision, images)
         if self.pad is not None:
             tokens = (self.momentum_models["pad"] if momentum else self.pad)(tokens)

@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp.config import ConfigError
-from vlp.models.evit import attention_with_cls, reorganize
+from vlp.models.evit import attention_with_cls, reorganize, replace_blocks
 
 
 class TSPSBlock(nn.Module):
@@ -249,25 +249,8 @@ def check_bus(bcfg: Any, family: str, vcfg: Any) -> None:
 
 def add_tsps(vision: nn.Module, bcfg: Any, text_dim: int) -> nn.Module:
     """Replace blocks `bcfg.blocks` of a timm VisionTransformer (in place) by TSPS blocks; returns it."""
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block
-
-    blocks = getattr(vision, "blocks", None)
-    if blocks is None or getattr(vision, "cls_token", None) is None:
-        raise ConfigError(f"model.bus: needs a timm VisionTransformer with a class token (the selector query is "
-                          f"the image [CLS]); {type(vision).__name__} has "
-                          f"{'no blocks' if blocks is None else 'no class token'}")
-    indices = sorted(set(int(i) for i in bcfg.blocks))
-    if not indices or indices[0] < 0 or indices[-1] >= len(blocks):
-        raise ConfigError(f"bad value for 'model.bus.blocks': {list(bcfg.blocks)}; want 0-based indices of the "
-                          f"tower's {len(blocks)} blocks (TRIPS: [4, 9] of 12)")
-    for i in indices:
-        blk = blocks[i]
-        if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise ConfigError(f"model.bus: block {i} is {type(blk).__name__} with "
-                              f"{type(getattr(blk, 'attn', None)).__name__}; TSPS supports timm's plain "
-                              "vision_transformer.Block with timm.layers.Attention")
-        blocks[i] = TSPSBlock(blk, bcfg.keep_rate, vision.num_prefix_tokens, text_dim, bcfg.fuse)
+    replace_blocks(vision, bcfg.blocks, "model.bus", "TSPS", "TRIPS: [4, 9] of 12",
+                   lambda blk: TSPSBlock(blk, bcfg.keep_rate, vision.num_prefix_tokens, text_dim, bcfg.fuse))
     return vision
 
 

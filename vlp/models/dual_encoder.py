@@ -15,6 +15,7 @@ matching loss; `encode_image` (retrieval, zero-shot) uses the text-agnostic sele
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Dict, Optional
 
@@ -93,7 +94,7 @@ class DualEncoder(nn.Module):
         """(B,3,H,W) normalised pixels -> (B, embed_dim) unit-norm float32 embeddings. With BUS, `texts`
         (B, text-tower width) steer the patch selection; None: text-agnostic."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["vision"]), \
-                text_guidance(self.vision, texts, ptm):
+                (text_guidance(self.vision, texts, ptm) if self.bus else contextlib.nullcontext()):
             feats = self.vision(images)
         return F.normalize(self.image_proj(feats).float(), dim=-1)
 

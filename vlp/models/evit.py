@@ -19,7 +19,7 @@ Eval mode always uses the target keep rate, as the reference does at inference.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -129,29 +129,38 @@ def check_evit(ecfg: Any, key: str) -> None:
                           f"{ecfg.shrink_start}/{ecfg.shrink_steps}")
 
 
-def add_evit(model: nn.Module, ecfg: Any, key: str = "vision") -> nn.Module:
-    """Replace blocks `ecfg.blocks` of a timm VisionTransformer (in place) by EViT blocks; returns `model`."""
+def replace_blocks(model: nn.Module, indices: Any, option: str, method: str, paper: str,
+                   wrap: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace blocks `indices` (0-based) of a timm VisionTransformer with a class token by `wrap(block)`,
+    in place; each must be timm's plain `Block` with `timm.layers.Attention`. `option` is the config key
+    named in errors (e.g. 'model.vision.evit'), `method` the method's name, `paper` its block choice."""
     from timm.layers import Attention
     from timm.models.vision_transformer import Block
 
-    check_evit(ecfg, key)
     blocks = getattr(model, "blocks", None)
     if blocks is None or getattr(model, "cls_token", None) is None:
-        raise ConfigError(f"model.{key}.evit: needs a timm VisionTransformer with a class token (EViT ranks "
-                          f"tokens by [CLS] attention); {type(model).__name__} has "
+        raise ConfigError(f"{option}: needs a timm VisionTransformer with a class token ({method} ranks tokens "
+                          f"by [CLS] attention); {type(model).__name__} has "
                           f"{'no blocks' if blocks is None else 'no class token'}")
-    indices = sorted(set(int(i) for i in ecfg.blocks))
-    if not indices or indices[0] < 0 or indices[-1] >= len(blocks):
-        raise ConfigError(f"bad value for 'model.{key}.evit.blocks': {list(ecfg.blocks)}; want 0-based indices "
-                          f"of the tower's {len(blocks)} blocks (paper: [3, 6, 9] of 12)")
-    for i in indices:
+    chosen = sorted(set(int(i) for i in indices))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= len(blocks):
+        raise ConfigError(f"bad value for '{option}.blocks': {list(indices)}; want 0-based indices of the "
+                          f"tower's {len(blocks)} blocks ({paper})")
+    for i in chosen:
         blk = blocks[i]
         if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise ConfigError(f"model.{key}.evit: block {i} is {type(blk).__name__} with "
-                              f"{type(getattr(blk, 'attn', None)).__name__}; EViT supports timm's plain "
+            raise ConfigError(f"{option}: block {i} is {type(blk).__name__} with "
+                              f"{type(getattr(blk, 'attn', None)).__name__}; {method} supports timm's plain "
                               "vision_transformer.Block with timm.layers.Attention")
-        blocks[i] = EViTBlock(blk, ecfg.keep_rate, model.num_prefix_tokens, ecfg.fuse, ecfg.shrink_start,
-                              ecfg.shrink_steps)
+        blocks[i] = wrap(blk)
+
+
+def add_evit(model: nn.Module, ecfg: Any, key: str = "vision") -> nn.Module:
+    """Replace blocks `ecfg.blocks` of a timm VisionTransformer (in place) by EViT blocks; returns `model`."""
+    check_evit(ecfg, key)
+    replace_blocks(model, ecfg.blocks, f"model.{key}.evit", "EViT", "paper: [3, 6, 9] of 12",
+                   lambda blk: EViTBlock(blk, ecfg.keep_rate, model.num_prefix_tokens, ecfg.fuse,
+                                         ecfg.shrink_start, ecfg.shrink_steps))
     return model
 
 
@@ -175,4 +184,4 @@ def token_counts(model: nn.Module, image_size: int) -> list:
     return counts
 
 
-__all__ = ["EViTBlock", "add_evit", "attention_with_cls", "reorganize", "keep_rate_at", "check_evit", "token_counts"]
+__all__ = ["EViTBlock", "add_evit", "replace_blocks", "attention_with_cls", "reorganize", "keep_rate_at", "check_evit", "token_counts"]

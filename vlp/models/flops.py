@@ -24,10 +24,9 @@ def _count(fn, *args) -> int:
 
 def _training_step_flops(model: nn.Module, batch: dict) -> int:
     """FLOPs of one real training forward + backward on a batch, leaving the model as it was: run in eval
-    mode (no dropout draws from the global RNG), buffers (queues, pointers, step counters), gradients,
-    the global RNG state and the model's own step attributes restored afterwards."""
+    mode (no dropout draws from the global RNG); buffers (queues, pointers, step counters), gradients,
+    the global RNG state and ALBEF's micro-step counter restored afterwards."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    attrs = {k: v for k, v in vars(model).items() if not k.startswith("_") and isinstance(v, (int, float))}
     micro = getattr(model, "_micro", None)
     rng = torch.get_rng_state()
     try:
@@ -40,7 +39,6 @@ def _training_step_flops(model: nn.Module, batch: dict) -> int:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-        vars(model).update(attrs)
         if micro is not None:
             model._micro = micro
         torch.set_rng_state(rng)
