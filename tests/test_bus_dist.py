@@ -5,7 +5,6 @@ projection, the PAD queries and the PAD's momentum copy all train and land in th
 ALBEF + BUS checkpoint evaluates (ITC and ITM re-ranked retrieval) and exports in the vlp format."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,17 +17,10 @@ ROOT = os.path.dirname(HERE)
 DIST = os.path.join(HERE, "dist")
 sys.path.insert(0, DIST)
 from albef_tiny import write_tiny_albef, write_vocab  # noqa: E402
-from train_entry import TINY_YAML, write_fixed_batches  # noqa: E402
+from train_entry import TINY_YAML, deepspeed_launch, launcher_env, write_fixed_batches  # noqa: E402
 
 pytestmark = pytest.mark.slow
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STEPS = 3
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records(run_dir):
@@ -37,13 +29,9 @@ def _records(run_dir):
 
 
 def _train_both_stages(yaml, common, out, batches):
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
-           os.path.join(DIST, "train_entry.py"), "--config", str(yaml), "--fixed", batches,
-           "--runs", "z2:train.zero_stage=2 z3:train.zero_stage=3", *common, f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rc, log = deepspeed_launch(os.path.join(DIST, "train_entry.py"), "--config", yaml, "--fixed", batches,
+                               "--runs", "z2:train.zero_stage=2 z3:train.zero_stage=3", *common, f"output_dir={out}")
+    assert rc == 0, log[-4000:]
     z2, z3 = _records(f"{out}/z2"), _records(f"{out}/z3")
     assert sorted(z2) == sorted(z3) == list(range(1, STEPS + 1))
     for step in z2:
@@ -111,8 +99,7 @@ def test_albef_with_bus_and_pad_trains_on_two_ranks_zero2_and_zero3(synth_train,
         sd = _trained(tmp_path / "two" / run, init, keys)
         assert not torch.equal(sd["momentum_models.pad.queries"], sd["pad.queries"])  # the EMA lags
 
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = launcher_env()
     out = tmp_path / "retrieval.json"
     proc = subprocess.run([sys.executable, "-m", "vlp.cli", "eval", "retrieval", "--checkpoint", str(tmp_path / "two" / "z3"),
                            "--data", str(synth_test), "--out", str(out), "--rerank-k", "4", "--workers", "0",

@@ -4,8 +4,6 @@ bit-identical, outside the optimizer, and in the checkpoint; EViT's warm-up coun
 import glob
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -16,17 +14,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DIST = os.path.join(HERE, "dist")
 sys.path.insert(0, DIST)
-from train_entry import TINY_YAML, write_fixed_batches  # noqa: E402
+from train_entry import TINY_YAML, deepspeed_launch, write_fixed_batches  # noqa: E402
 
 pytestmark = pytest.mark.slow
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STEPS = 4
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metrics(run_dir):
@@ -66,13 +57,9 @@ def test_frozen_llm_and_evit_train_on_two_ranks_zero2_and_zero3(llama_dir, synth
     with_llm, with_evit = f"model.vision.frozen_llm.name={llm}", "model.vision.evit.keep_rate=0.7"
     runs = " ".join(f"{name}{z}:train.zero_stage={z},{opt}" for name, opt in (("llm", with_llm), ("evit", with_evit))
                     for z in (2, 3))
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
-           os.path.join(DIST, "train_entry.py"), "--config", str(yaml), "--fixed", batches, "--runs", runs,
-           *common, f"output_dir={tmp_path}/two"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rc, log = deepspeed_launch(os.path.join(DIST, "train_entry.py"), "--config", yaml, "--fixed", batches,
+                               "--runs", runs, *common, f"output_dir={tmp_path}/two")
+    assert rc == 0, log[-4000:]
 
     losses = {name: _metrics(f"{tmp_path}/two/{name}") for name in ("llm2", "llm3", "evit2", "evit3")}
     for name, got in losses.items():

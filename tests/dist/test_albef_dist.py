@@ -11,7 +11,6 @@
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,11 +23,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from albef_tiny import write_tiny_albef, write_vocab  # noqa: E402
-from train_entry import write_fixed_batches  # noqa: E402
+from train_entry import deepspeed_launch, launcher_env, write_fixed_batches  # noqa: E402
 
 pytestmark = pytest.mark.slow
 WORLD, PER_RANK, STEPS = 2, 4, 3
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -106,24 +104,10 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(setup):
 
 
 # ------------------------------------------------------------------------------- DeepSpeed level
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def _launch(*args, timeout=400):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
-           os.path.join(HERE, "train_entry.py"), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout + proc.stderr
+    rc, out = deepspeed_launch(os.path.join(HERE, "train_entry.py"), *args, timeout=timeout)
+    assert rc == 0, out[-4000:]
+    return out
 
 
 def _losses(out):
@@ -156,7 +140,7 @@ def test_zero3_trains_like_one_rank_and_resumes_queues_and_momentum_exactly(setu
     # the same batches on 1 rank x 8 (ZeRO-0)
     code = "import sys; sys.path.insert(0, sys.argv[1]); from train_entry import main; sys.exit(main(sys.argv[2:]))"
     ref = subprocess.run([sys.executable, "-c", code, HERE, *entry, *common, f"output_dir={root / 'one'}",
-                          "train.micro_batch_size=8"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          "train.micro_batch_size=8"], cwd=ROOT, env=launcher_env(), capture_output=True, text=True,
                          timeout=400)
     assert ref.returncode == 0, ref.stderr[-4000:]
 
@@ -189,7 +173,7 @@ def test_zero3_trains_like_one_rank_and_resumes_queues_and_momentum_exactly(setu
     proc = subprocess.run([sys.executable, "-m", "vlp.cli", "eval", "retrieval", "--checkpoint", str(two / "z3"),
                            "--data", str(synth_test), "--out", str(out), "--rerank-k", "4", "--workers", "0",
                            "--batch-size", "8", "--max-samples", "16"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["rerank_k"] == 4 and res["n_images"] == 16

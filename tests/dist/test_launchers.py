@@ -2,7 +2,6 @@
 per node) and `accelerate launch --use_deepspeed`; both must train in step with one node of 2 ranks."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,23 +10,10 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from train_entry import write_tiny_config  # noqa: E402
+from train_entry import free_port, launcher_env, write_tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
 
 
 def _losses(out):
@@ -44,10 +30,10 @@ def common(tmp_path_factory, synth_train):
 
 @pytest.fixture(scope="module")
 def one_node(common, tmp_path_factory):
-    out, port = tmp_path_factory.mktemp("one_node"), _port()
+    out, port = tmp_path_factory.mktemp("one_node"), free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            PRETRAIN, *common, f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     # DeepSpeed's CPU all-reduce buffers (66 MB of RAM each) are released when the ranks finish
     import glob
@@ -61,13 +47,13 @@ def one_node(common, tmp_path_factory):
 def test_two_nodes_with_hostfile_train_in_step(common, one_node, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    port, out = _port(), tmp_path / "two_nodes"
+    port, out = free_port(), tmp_path / "two_nodes"
     procs = []
     for node_rank in (0, 1):
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
                "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
                PRETRAIN, *common, f"output_dir={out}"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
@@ -77,8 +63,8 @@ def test_two_nodes_with_hostfile_train_in_step(common, one_node, tmp_path):
 def test_accelerate_launch_with_deepspeed(common, one_node, tmp_path):
     out = tmp_path / "accelerate"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(_port()), "--zero_stage", "0",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--zero_stage", "0",
            "--mixed_precision", "no", PRETRAIN, *common, f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert _losses(out) == one_node

@@ -1,9 +1,7 @@
 """Two CPU ranks (gloo) under DeepSpeed's launcher: ZeRO 0-3 reproduce one rank's losses, and a
 run stopped by SIGTERM, then killed (a rank dies), resumes to exactly the uninterrupted losses."""
-import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,33 +10,14 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from train_entry import write_fixed_batches, write_tiny_config  # noqa: E402
+from train_entry import deepspeed_launch, launcher_env, write_fixed_batches, write_tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(script, *args, timeout=300):
     """`deepspeed --num_gpus 2 SCRIPT ARGS` -> (returncode, combined output)."""
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    port = _port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-           script, *map(str, args)]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    finally:
-        # a rank killed on purpose (--fault kill) cannot release its DeepSpeed CPU all-reduce buffer
-        # (~66 MB of RAM in /dev/shm); every rank of this job is gone now, so drop this port's buffers
-        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-            os.unlink(leftover)
-    return proc.returncode, proc.stdout + proc.stderr
+    return deepspeed_launch(script, *args, timeout=timeout)
 
 
 def _losses(out):
@@ -69,7 +48,7 @@ def test_zero_stages_on_two_ranks_match_one_rank(tiny_yaml, synth_train, tmp_pat
 
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from train_entry import main; "
             "sys.exit(main(sys.argv[2:]))")
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env = launcher_env()
     ref = subprocess.run([sys.executable, "-c", code, HERE, "--config", tiny_yaml, "--fixed", batches, *common,
                           f"output_dir={tmp_path}/one", "train.micro_batch_size=32"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

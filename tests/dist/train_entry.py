@@ -9,12 +9,47 @@ one or more ZeRO stages (`--stages`), or the real data pipeline with a fault inj
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import signal
+import socket
+import subprocess
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> Dict[str, str]:
+    """This environment without the test process's own env:// variables, one thread per rank, offline."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def deepspeed_launch(script: str, *args: Any, timeout: int = 400) -> Tuple[int, str]:
+    """`deepspeed --num_gpus 2 SCRIPT ARGS` from the repository root -> (returncode, stdout + stderr)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           script, *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, cwd=_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
+    finally:
+        # a rank killed on purpose (--fault kill) cannot release its DeepSpeed CPU all-reduce buffer
+        # (~66 MB of RAM in /dev/shm); every rank of this job is gone now, so drop this port's buffers
+        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+            os.unlink(leftover)
+    return proc.returncode, proc.stdout + proc.stderr
+
 
 TINY_YAML = """\
 model:
