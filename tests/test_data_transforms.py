@@ -76,3 +76,70 @@ def test_normalize_matches_the_definition():
     ref = (torch.from_numpy(x).float() / 255 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     assert got.dtype == torch.float32 and got.is_contiguous()
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_hflip_mirrors_half_the_training_images_under_a_seed():
+    """data.hflip: p = 0.5 per image, from the loader's generator; off in eval and by default."""
+    data = _encode(_halves(), "png")
+    flipping = ImageTransform(48, train=True, crop_scale=(1.0, 1.0), hflip=True)
+    rng = np.random.default_rng(3)
+    outs = [flipping(data, rng) for _ in range(400)]
+    mirrored = [o[2, :, :16].mean() > 180 for o in outs]  # blue on the left: mirrored
+    assert all(o.shape == (3, 48, 48) and o.dtype == np.uint8 and o.flags.c_contiguous for o in outs)
+    assert 0.42 < np.mean(mirrored) < 0.58
+    for o, m in zip(outs[:20], mirrored):
+        plain = ImageTransform(48, train=True, crop_scale=(1.0, 1.0))(data, np.random.default_rng(0))
+        assert np.array_equal(o, plain[:, :, ::-1] if m else plain)  # exactly the mirror image, or untouched
+    again = np.random.default_rng(3)
+    assert all(np.array_equal(o, flipping(data, again)) for o in outs[:50])  # same seed, same flips
+    assert not any(ImageTransform(48, train=False, hflip=True)(data, None)[2, :, :16].mean() > 180 for _ in range(5))
+
+
+def test_randaugment_is_albefs_ops_seeded_and_shape_preserving():
+    from PIL import ImageEnhance, ImageOps
+
+    from vlp.data.augment import OPS, autocontrast, brightness, equalize, rand_augment, sharpness
+
+    assert list(OPS) == ["Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
+                         "TranslateX", "TranslateY", "Rotate"]  # ALBEF's pretraining list
+    photo = np.random.default_rng(0).integers(30, 200, (64, 80, 3), dtype=np.uint8)
+    # the colour ops are PIL's
+    assert np.array_equal(autocontrast(photo), np.asarray(ImageOps.autocontrast(Image.fromarray(photo))))
+    assert np.array_equal(equalize(photo), np.asarray(ImageOps.equalize(Image.fromarray(photo))))
+    assert np.array_equal(brightness(photo, 1.36), np.asarray(ImageEnhance.Brightness(Image.fromarray(photo)).enhance(1.36)))
+    sharp = np.asarray(ImageEnhance.Sharpness(Image.fromarray(photo)).enhance(1.36)).astype(int)
+    assert np.abs(sharpness(photo, 1.36).astype(int) - sharp).max() <= 1  # rounding
+    rng = np.random.default_rng(0)
+    for name, op in OPS.items():
+        out = op(photo, 7, rng)
+        assert out.shape == photo.shape and out.dtype == np.uint8, name
+        assert (name == "Identity") == np.array_equal(out, photo), name
+    # n ops per image, each applied with probability 1/2: 2 ops leave a quarter of the images untouched
+    rng = np.random.default_rng(5)
+    outs = [rand_augment(photo, 2, 7, rng) for _ in range(400)]
+    untouched = np.mean([np.array_equal(o, photo) for o in outs])
+    assert 0.22 <= untouched <= 0.38  # each op leaves it alone with p = 1/2 + 1/2 x 1/10 (Identity): 0.55^2 = 0.30
+    rng2 = np.random.default_rng(5)
+    assert all(np.array_equal(o, rand_augment(photo, 2, 7, rng2)) for o in outs)
+    # through the transform: seeded, uint8 CHW, off in eval
+    data = _encode(photo, "png")
+    tf = ImageTransform(48, train=True, crop_scale=(0.5, 1.0), hflip=True, randaugment=(2, 7))
+    a = tf(data, np.random.default_rng(11))
+    assert a.shape == (3, 48, 48) and a.dtype == np.uint8 and a.flags.c_contiguous
+    assert np.array_equal(a, tf(data, np.random.default_rng(11)))
+    evaluation = ImageTransform(48, train=False, hflip=True, randaugment=(2, 7))
+    assert np.array_equal(evaluation(data, None), ImageTransform(48, train=False)(data, None))
+
+
+def test_augmentation_options_are_typed_and_checked():
+    from vlp.config import ConfigError, load_config
+
+    cfg = load_config(None, ["data.hflip=true", "data.randaugment.n=2"])
+    assert cfg.data.hflip is True and (cfg.data.randaugment.n, cfg.data.randaugment.m) == (2, 7)
+    off = load_config(None)
+    assert off.data.hflip is False and off.data.randaugment.n == 0
+    with pytest.raises(ConfigError, match="data.randaugment"):
+        load_config(None, ["data.randaugment.m=11"])
+    albef = load_config("configs/albef_base.yaml")
+    assert albef.data.hflip and (albef.data.randaugment.n, albef.data.randaugment.m) == (2, 7)
+    assert list(albef.data.crop_scale) == [0.2, 1.0] and albef.data.interpolation == "bicubic"

@@ -255,7 +255,8 @@ class TrainLoader:
             world_size=self.world_size, slots=slots, batch_size=self.batch_size, quota=quota,
             per_slot=per_slot, shuffle_buffer=int(data.shuffle_buffer), img_keys=image_keys(data.image_key),
             caption_key=data.caption_key,
-            transform=ImageTransform(size["size"], True, tuple(data.crop_scale), data.interpolation),
+            transform=ImageTransform(size["size"], True, tuple(data.crop_scale), data.interpolation, data.hflip,
+                                     (data.randaugment.n, data.randaugment.m)),
             mean=size["mean"], std=size["std"], tokenizer=tokenizer,
             max_corrupt_fraction=float(data.max_corrupt_fraction))
         self.batches_per_epoch = quota * slots

@@ -1,7 +1,8 @@
 """Fast image transforms: decode at reduced size, crop and resize in uint8, normalise per batch.
 
 Train: RandomResizedCrop (Szegedy et al. 2015's "Inception" crop, as torchvision samples it)
-with `data.crop_scale`. Eval: resize the shorter side and center crop, done as a center square
+with `data.crop_scale`, then optionally ALBEF's horizontal flip and RandAugment (`vlp.data.augment`,
+`data.hflip`, `data.randaugment`), all drawn from the loader's numpy generator. Eval: resize the shorter side and center crop, done as a center square
 crop followed by one resize. The crop box is chosen from the JPEG header before decoding, so a
 JPEG is decoded with libjpeg-turbo's DCT scaling (simplejpeg `min_height/min_width`) to the
 smallest size that still covers the output resolution; PNG/WebP (and JPEGs simplejpeg refuses,
@@ -19,6 +20,8 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
+
+from vlp.data.augment import hflip, rand_augment
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -107,15 +110,19 @@ def _scale_box(box: Box, sy: float, sx: float) -> Box:
 
 
 class ImageTransform:
-    """bytes -> uint8 CHW (3, size, size): random resized crop (train) or center crop (eval)."""
+    """bytes -> uint8 CHW (3, size, size): random resized crop (train) or center crop (eval); in
+    training then a horizontal flip with probability 0.5 (`hflip`) and RandAugment with `randaugment`
+    = (ops per image, magnitude of 10); (0, m) is off."""
 
     def __init__(self, size: int, train: bool, crop_scale: Sequence[float] = (0.9, 1.0),
-                 interpolation: str = "bilinear"):
+                 interpolation: str = "bilinear", hflip: bool = False, randaugment: Tuple[int, float] = (0, 0)):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
         self.size, self.train = int(size), train
         self.crop_scale = tuple(crop_scale)
         self.interpolation = interpolation
+        self.hflip = bool(hflip)
+        self.randaugment = (int(randaugment[0]), float(randaugment[1]))
 
     def __call__(self, data: bytes, rng: Optional[np.random.Generator] = None) -> np.ndarray:
         if self.train:
@@ -126,6 +133,10 @@ class ImageTransform:
         crop = img[top:top + ch, left:left + cw]
         if crop.shape[:2] != (self.size, self.size):
             crop = cv2.resize(crop, (self.size, self.size), interpolation=INTERPOLATIONS[self.interpolation])
+        if self.train and self.hflip and rng.random() < 0.5:
+            crop = hflip(crop)
+        if self.train and self.randaugment[0]:
+            crop = rand_augment(np.ascontiguousarray(crop), *self.randaugment, rng)
         return np.ascontiguousarray(crop.transpose(2, 0, 1))
 
 
