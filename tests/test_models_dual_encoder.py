@@ -82,14 +82,13 @@ def test_learnable_scalars_shape_and_init():
     assert siglip.logit_scale.item() == pytest.approx(math.log(10))
     out = siglip(batch())
     assert out["logit_scale"] == pytest.approx(10.0, rel=1e-5) and out["logit_bias"] == pytest.approx(-10.0)
-    # the scale is clamped at max_logit_scale in the forward; 0 turns the clamp off
+    # the trainer clamps log(scale) to [0, ln max_logit_scale] after each step (vlp.train.engine.clamp_parameters,
+    # tests/test_train_clamp.py); the forward reads it as is; max_logit_scale=0 turns the clamp off
+    assert clip.parameter_bounds() == [(clip.logit_scale, 0.0, math.log(100.0))]
     with torch.no_grad():
         clip.logit_scale.fill_(math.log(1000.0))
-    assert clip(batch())["logit_scale"] == pytest.approx(100.0, rel=1e-5)
-    free = tiny(max_logit_scale=0.0)
-    with torch.no_grad():
-        free.logit_scale.fill_(math.log(1000.0))
-    assert free(batch())["logit_scale"] == pytest.approx(1000.0, rel=1e-5)
+    assert clip(batch())["logit_scale"] == pytest.approx(1000.0, rel=1e-5)
+    assert tiny(max_logit_scale=0.0).parameter_bounds() == []
 
 
 def test_align_sums_directions_and_smooths():
@@ -241,6 +240,9 @@ def test_config_errors_name_the_key():
         build_model({**TINY, "type": "nope"})
     with pytest.raises(ConfigError, match="max_logit_scale"):
         tiny(init_temperature=0.001)
+    with pytest.raises(ConfigError, match="below 1"):
+        tiny(init_temperature=2.0)  # the clamp's lower bound is scale 1, as open_clip
+    tiny(init_temperature=2.0, max_logit_scale=0.0)
     with pytest.raises(ConfigError, match="model.embed_dim"):
         tiny(embed_dim=0)
     with pytest.raises(ConfigError, match="model.vision.name"):

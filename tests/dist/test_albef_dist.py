@@ -3,8 +3,10 @@
 1. Model level: 2 ranks x B give the losses, averaged gradients, momentum buffers and queues of
    1 rank x 2B, ITM negatives and MLM masks included (drawn from a stream seeded alike on every rank,
    over the global batch).
-2. DeepSpeed level, through `vlp.train` and the launcher: ZeRO-3 on 2 ranks reproduces 1 rank's
-   losses (so the momentum EMA of partitioned weights is right), the momentum weights move, a run
+2. DeepSpeed level, through `vlp.train` and the launcher: ZeRO-3 on 2 ranks, every parameter partitioned
+   (persistence threshold 0), reproduces 1 rank's losses (so the momentum EMA of partitioned weights is
+   right, the MLM decoder gathers the word embeddings it is tied to, and the temperature, driven into a
+   narrow range, is clamped in the fp32 master partitions as in the 1-rank run), the momentum weights move, a run
    stopped at step 2 and resumed from its ZeRO-3 checkpoint ends with exactly the losses, queues and
    momentum weights of an uninterrupted run, and `vlp eval retrieval` on the checkpoint reports ITC and
    ITM re-ranked metrics.
@@ -127,14 +129,17 @@ def test_zero3_trains_like_one_rank_and_resumes_queues_and_momentum_exactly(setu
     from vlp.config import load_config
 
     root, yaml = setup["root"], setup["yaml"]
-    common = [f"data.train_shards={synth_train}", "train.steps=4", "train.save_every=2", "train.keep_last=3"]
+    lo, hi = 0.0695, 0.0705  # Adam's first step moves the temperature (0.07) by about lr = 1e-3: out of range
+    common = [f"data.train_shards={synth_train}", "train.steps=4", "train.save_every=2", "train.keep_last=3",
+              f"model.albef.min_temperature={lo}", f"model.albef.max_temperature={hi}"]
     batches = str(root / "batches.pt")
     write_fixed_batches(load_config(yaml, common), batches, n=4, global_batch=8)
     entry = ["--config", yaml, "--fixed", batches]
     two = root / "two"
     # on 2 ranks x 4: a full ZeRO-3 run; one that stops after 2 steps (its config says 2); then the same
     # run again with 4 steps, which builds a new model and engine and resumes from the step-2 checkpoint
-    log = _launch(*entry, "--runs", "z3:train.zero_stage=3 cut:train.zero_stage=3,train.steps=2 cut:train.zero_stage=3",
+    zero3 = "train.zero_stage=3,train.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"
+    log = _launch(*entry, "--runs", f"z3:{zero3} cut:{zero3},train.steps=2 cut:{zero3}",
                   *common, f"output_dir={two}", "train.micro_batch_size=4")
     assert f"resumed from {two / 'cut' / 'checkpoints' / 'step_0000002'} at step 2" in log
     # the same batches on 1 rank x 8 (ZeRO-0)
@@ -152,12 +157,18 @@ def test_zero3_trains_like_one_rank_and_resumes_queues_and_momentum_exactly(setu
             assert z3[step][key] == pytest.approx(expected[step][key], rel=1e-4), (step, key)
             assert cut[step][key] == z3[step][key], (step, key)  # resumed: exact
     assert expected[4]["alpha"] == pytest.approx(0.4) and expected[1]["alpha"] == 0.0
+    lo32, hi32 = torch.tensor(lo).item(), torch.tensor(hi).item()  # the bounds as the fp32 parameter holds them
+    temps = [z3[step]["temperature"] for step in (2, 3, 4)]  # each forward reads the last step's clamped value
+    assert all(lo32 <= t <= hi32 for t in temps) and temps[0] in (lo32, hi32), temps
 
     full, resumed = _state(two / "z3"), _state(two / "cut")
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
     assert int(full["steps"]) == 4 and int(full["queue_ptr"]) == 0  # 4 batches of 8 filled the 32-long queue
+    # the checkpoint's weights are the fp32 master partitions: the clamp reached them
+    assert torch.tensor(lo) <= full["temp"] <= torch.tensor(hi)
+    assert not [k for k in full if "mlm_head.decoder" in k]  # tied: the word embeddings are the decoder
     init = _model(yaml).state_dict()
     moved, drift = 0, []
     for key in full:

@@ -3,10 +3,13 @@
 AdamW is torch's (fused kernel on CUDA and CPU) passed as DeepSpeed's client optimizer, over `param_groups`
 (no weight decay on biases, norms, embeddings, temperature); with ZeRO optimizer offload it is
 DeepSpeed's CPU Adam, which that mode requires.
+
+`clamp_parameters` keeps the parameters a model names in `parameter_bounds()` (learnable temperatures)
+in range after each optimizer step, in every copy DeepSpeed holds of them.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -44,4 +47,52 @@ def build_engine(model: torch.nn.Module, groups: List[Dict[str, Any]], cfg: Dict
     return engine, optimizer, scheduler
 
 
-__all__ = ["build_optimizer", "build_engine"]
+def _clamp(t: Optional[torch.Tensor], low: float, high: float) -> None:
+    if t is not None and t.numel():
+        t.clamp_(low, high)
+
+
+def _unfused_masters(optimizer: Any) -> Dict[int, torch.Tensor]:
+    """id(parameter) -> its fp32 master copy in DeepSpeed's FP16_UnfusedOptimizer, the wrapper of our
+    torch AdamW for fp16/bf16 without ZeRO (groups of parameters and of their fp32 copies, in step)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return {}
+    return {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups) for lp, hp in zip(lps, hps)}
+
+
+@torch.no_grad()
+def clamp_parameters(model: torch.nn.Module, optimizer: Any = None) -> None:
+    """Clamp each (parameter, low, high) of `model.parameter_bounds()` in place, as open_clip clamps
+    logit_scale and ALBEF its temperature, but in every copy DeepSpeed keeps, so the next step starts
+    from the clamped value: the module's tensor (under ZeRO-3 the local partition `ds_tensor`, and the
+    gathered data of a persistent parameter) and the fp32 master copy of `optimizer` (the engine's):
+    ZeRO-1/2 through `safe_get/set_full_fp32_param` (a collective), ZeRO-3 its local partition, fp16/bf16
+    without ZeRO the unfused optimizer's copy. Elementwise, so each rank clamps what it holds. Every rank
+    calls it after each optimizer step; a model without bounds is left as is.
+    """
+    bounds = model.parameter_bounds() if callable(getattr(model, "parameter_bounds", None)) else []
+    if not bounds:
+        return
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                 safe_set_local_fp32_param)
+
+    masters = _unfused_masters(optimizer)
+    for p, low, high in bounds:
+        _clamp(p.data, low, high)
+        if hasattr(p, "ds_id"):  # ZeRO-3: partitioned; data is empty unless gathered (persistent)
+            _clamp(p.ds_tensor, low, high)
+            master = safe_get_local_fp32_param(p)
+            if master is not None and master.numel():
+                safe_set_local_fp32_param(p, master.clamp(low, high))
+        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2 (and DeepSpeed's BF16_Optimizer): partitioned fp32 master
+            safe_set_full_fp32_param(p, safe_get_full_fp32_param(p).clamp(low, high))
+        elif id(p) in masters:
+            masters[id(p)].clamp_(low, high)
+        elif p.dtype in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"cannot find the fp32 master copy of a {p.dtype} parameter of shape {tuple(p.shape)} "
+                               f"in {type(optimizer).__name__} to clamp it")
+
+
+__all__ = ["build_optimizer", "build_engine", "clamp_parameters"]
