@@ -1,17 +1,18 @@
 """Rebuild a model from its stored config without fetching the towers' pretrained weights.
 
-Exports overwrite every weight with the checkpoint's, so pretrained weights would only cost a
-download (or fail when a local weights file has since moved). What the pretrained source also
-decides is kept: a transformers tower keeps its config source, an open_clip tower keeps a
-pretrained *tag* (it sets the preprocessing mean/std).
+Exports overwrite every weight with the checkpoint's, so pretrained weights (and `model.init_from`)
+would only cost a download (or fail when a local weights file or the init_from source has since
+moved). What the pretrained source also decides is kept: a transformers tower keeps its config
+source, an open_clip tower keeps a pretrained *tag* (it sets the preprocessing mean/std).
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict
 
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from vlp.models.init_from import without_init_from
 
 
 def _is_open_clip_tag(name: str, tag: str) -> bool:
@@ -24,8 +25,8 @@ def _is_open_clip_tag(name: str, tag: str) -> bool:
 
 
 def without_pretrained(model_cfg: Any) -> DictConfig:
-    """A copy of `model_cfg` whose towers build the same architecture with random init."""
-    cfg = copy.deepcopy(model_cfg) if isinstance(model_cfg, DictConfig) else OmegaConf.create(model_cfg)
+    """A copy of `model_cfg` whose towers build the same architecture with random init (no init_from)."""
+    cfg = without_init_from(model_cfg)
     for side in ("vision", "text"):
         t = cfg[side]
         if not t.pretrained:

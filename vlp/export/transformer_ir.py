@@ -4,6 +4,7 @@ timm's ViT, open_clip's VisionTransformer/TextTransformer, transformers' CLIP to
 are the same computation (pre-norm blocks: LN -> MHA -> residual, LN -> MLP -> residual) with
 different parameter names and a few structural options. Readers check every option the target
 cannot express and raise `Unsupported` naming it; writers produce (config kwargs, state dict).
+Export writes these layouts; `model.init_from` (vlp.models.init_from) reads them back into timm ViTs.
 Exact rewrites used: LayerScale gammas are folded into the output projections (gamma*(Wx+b)),
 a patch-embedding bias is folded into the patch position embeddings where the target's patch conv
 has none, and linear heads after pooling compose into one matrix.
@@ -276,6 +277,68 @@ def text_from_open_clip(t: nn.Module) -> TextTransformer:
                            pool=t.pool_type, eos_id=int(t.eos_id), pad_id=int(t.pad_id), proj=proj, proj_b=proj_b)
 
 
+def _hf_block(sd: Dict[str, Tensor], p: str, names: Dict[str, str], gammas=("", "")) -> Block:
+    """One pre-norm block of a transformers ViT from its state dict; `names` gives each part's key."""
+    g = lambda k: sd[p + names[k]] if names[k] else None  # noqa: E731
+    w = lambda k: sd[p + names[k] + ".weight"].clone()  # noqa: E731
+    b = lambda k: (sd[p + names[k] + ".bias"].clone() if p + names[k] + ".bias" in sd  # noqa: E731
+                   else torch.zeros(sd[p + names[k] + ".weight"].shape[0]))
+    qkv_w = torch.cat([w("q"), w("k"), w("v")])
+    qkv_b = torch.cat([b("q"), b("k"), b("v")])
+    out_w, out_b = _scaled(w("o"), b("o"), g("ls1"))
+    fc2_w, fc2_b = _scaled(w("fc2"), b("fc2"), g("ls2"))
+    return Block((w("ln1"), b("ln1")), qkv_w, qkv_b, out_w, out_b, (w("ln2"), b("ln2")), w("fc1"), b("fc1"),
+                 fc2_w, fc2_b)
+
+
+def vit_from_hf(m: nn.Module) -> ViT:
+    """transformers Dinov2Model, ViTModel or CLIP vision model (the towers `--format hf` writes, and the
+    usual vision towers of a VisionTextDualEncoderModel). LayerScale is folded into the output maps."""
+    from transformers import CLIPVisionConfig, Dinov2Config, ViTConfig
+
+    cfg = m.config
+    what = f"transformers {type(m).__name__}"
+    sd = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v.detach()
+          for k, v in m.state_dict().items()}
+    if cfg.hidden_act not in ("gelu", "quick_gelu"):
+        raise Unsupported(f"{what} activation {cfg.hidden_act!r} (want exact GELU or QuickGELU)")
+    common = dict(ln1="norm1", q="attention.q_proj", k="attention.k_proj", v="attention.v_proj",
+                  o="attention.o_proj", ln2="norm2", fc1="mlp.fc1", fc2="mlp.fc2", ls1="", ls2="")
+    if isinstance(cfg, Dinov2Config):
+        if cfg.use_swiglu_ffn:
+            raise Unsupported(f"{what} uses a SwiGLU MLP")
+        names, stem = dict(common, ls1="layer_scale1.lambda1", ls2="layer_scale2.lambda1"), "encoder.layer."
+        cls, pos = sd["embeddings.cls_token"].reshape(-1), sd["embeddings.position_embeddings"][0]
+        patch_w = sd["embeddings.patch_embeddings.projection.weight"]
+        patch_b = sd.get("embeddings.patch_embeddings.projection.bias")
+        pre, post = None, (sd["layernorm.weight"], sd["layernorm.bias"])
+    elif isinstance(cfg, ViTConfig):
+        names, stem = dict(common, ln1="layernorm_before", ln2="layernorm_after"), "layers."
+        cls, pos = sd["embeddings.cls_token"].reshape(-1), sd["embeddings.position_embeddings"][0]
+        patch_w = sd["embeddings.patch_embeddings.projection.weight"]
+        patch_b = sd.get("embeddings.patch_embeddings.projection.bias")
+        pre, post = None, (sd["layernorm.weight"], sd["layernorm.bias"])
+    elif isinstance(cfg, CLIPVisionConfig):
+        names = dict(ln1="layer_norm1", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                     o="self_attn.out_proj", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2", ls1="", ls2="")
+        stem = "encoder.layers."
+        cls, pos = sd["embeddings.class_embedding"], sd["embeddings.position_embedding.weight"]
+        patch_w, patch_b = sd["embeddings.patch_embedding.weight"], None
+        pre = (sd["pre_layrnorm.weight"], sd["pre_layrnorm.bias"])
+        post = (sd["post_layernorm.weight"], sd["post_layernorm.bias"])
+    else:
+        raise Unsupported(f"{what} is not a ViT this reader knows (Dinov2Model, ViTModel, CLIPVisionModel)")
+    blocks = [_hf_block(sd, f"{stem}{i}.", names) for i in range(int(cfg.num_hidden_layers))]
+    enc = Encoder(int(cfg.hidden_size), int(cfg.num_attention_heads), blocks[0].fc1_w.shape[0],
+                  float(cfg.layer_norm_eps), cfg.hidden_act, blocks)
+    size, patch = cfg.image_size, cfg.patch_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return ViT(enc, int(size), int(patch), patch_w.clone(), None if patch_b is None else patch_b.clone(),
+               cls.clone(), pos.clone(), None if pre is None else (pre[0].clone(), pre[1].clone()),
+               (post[0].clone(), post[1].clone()))
+
+
 # ------------------------------------------------------------------------------------------- writers
 def _split_qkv(b: Block) -> Tuple[Tensor, ...]:
     qw, kw, vw = b.qkv_w.chunk(3, dim=0)
@@ -425,5 +488,33 @@ def vit_to_open_clip(v: ViT, prefix: str = "visual.") -> Tuple[Dict, Dict[str, T
     return cfg, sd
 
 
+def vit_to_timm(v: ViT) -> Dict[str, Tensor]:
+    """The state dict of timm's VisionTransformer (class token, position embedding that covers it,
+    fused qkv, `norm_pre` only when the ViT has a pre-norm); a bias-free patch conv gets a zero bias, which
+    a timm ViT without one (CLIP-style, `pre_norm=True`) leaves unused."""
+    D = v.enc.width
+    sd = {
+        "cls_token": v.cls.reshape(1, 1, D),
+        "pos_embed": v.pos.reshape(1, -1, D),
+        "patch_embed.proj.weight": v.patch_w,
+        "patch_embed.proj.bias": v.patch_b if v.patch_b is not None else torch.zeros(D, dtype=v.patch_w.dtype),
+        "norm.weight": v.post_ln[0], "norm.bias": v.post_ln[1],
+    }
+    if v.pre_ln is not None:
+        sd.update({"norm_pre.weight": v.pre_ln[0], "norm_pre.bias": v.pre_ln[1]})
+    for i, b in enumerate(v.enc.blocks):
+        p = f"blocks.{i}."
+        sd.update({
+            p + "norm1.weight": b.ln1[0], p + "norm1.bias": b.ln1[1],
+            p + "attn.qkv.weight": b.qkv_w, p + "attn.qkv.bias": b.qkv_b,
+            p + "attn.proj.weight": b.out_w, p + "attn.proj.bias": b.out_b,
+            p + "norm2.weight": b.ln2[0], p + "norm2.bias": b.ln2[1],
+            p + "mlp.fc1.weight": b.fc1_w, p + "mlp.fc1.bias": b.fc1_b,
+            p + "mlp.fc2.weight": b.fc2_w, p + "mlp.fc2.bias": b.fc2_b,
+        })
+    return sd
+
+
 __all__ = ["Unsupported", "ViT", "TextTransformer", "compose", "vit_from_timm", "vit_from_open_clip",
-           "text_from_open_clip", "vit_to_hf_clip", "vit_to_dinov2", "text_to_hf_clip", "vit_to_open_clip"]
+           "vit_from_hf", "text_from_open_clip", "vit_to_hf_clip", "vit_to_dinov2", "text_to_hf_clip",
+           "vit_to_open_clip", "vit_to_timm"]

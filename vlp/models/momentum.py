@@ -95,4 +95,16 @@ def ema_update(online: Iterable[torch.nn.Parameter], slots: List[Slot], momentum
                 buf.mul_(momentum).add_(p.detach().to(buf.dtype), alpha=1.0 - momentum)
 
 
-__all__ = ["buffer_copy", "ema_update"]
+@torch.no_grad()
+def copy_to_momentum(online: nn.Module, twin: nn.Module) -> None:
+    """θ_m ← θ for every parameter of `online` and its buffer in `twin` (a `buffer_copy` of it): restarts
+    the EMA from weights loaded after the copy was made (`model.init_from`)."""
+    for name, p in online.named_parameters():
+        buf = twin.get_buffer(name)
+        if buf.shape != p.shape:
+            raise RuntimeError(f"momentum buffer {name} has shape {tuple(buf.shape)}, online parameter "
+                               f"{tuple(p.shape)}")
+        buf.copy_(p.detach().to(buf.dtype))
+
+
+__all__ = ["buffer_copy", "ema_update", "copy_to_momentum"]

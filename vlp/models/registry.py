@@ -14,6 +14,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from vlp.config import ConfigError, ModelConfig
+from vlp.models.init_from import init_from
 
 _FAMILIES: Dict[str, Callable[[DictConfig], nn.Module]] = {}
 _MODULES = {
@@ -49,7 +50,9 @@ def as_model_config(model_cfg: Any) -> DictConfig:
 
 
 def build_model(model_cfg: Any) -> nn.Module:
-    """The model for `model_cfg.type`, built on CPU in fp32 (the trainer moves and casts it)."""
+    """The model for `model_cfg.type`, built on CPU in fp32 (the trainer moves and casts it); with
+    `model_cfg.init_from`, its towers and projections start from that model (`vlp.models.init_from`),
+    and what was loaded is kept as `model.init_report`."""
     cfg = as_model_config(model_cfg)
     if cfg.type not in _FAMILIES and cfg.type in _MODULES:
         try:
@@ -60,4 +63,7 @@ def build_model(model_cfg: Any) -> nn.Module:
     if cfg.type not in _FAMILIES:
         raise ConfigError(f"bad value for 'model.type': {cfg.type!r} is not available; "
                           f"valid: {', '.join(sorted(_FAMILIES) or sorted(_MODULES))}")
-    return _FAMILIES[cfg.type](cfg)
+    model = _FAMILIES[cfg.type](cfg)
+    if cfg.get("init_from"):
+        model.init_report = init_from(model, cfg)
+    return model

@@ -34,6 +34,7 @@ from vlp.config import ConfigError, to_dict, to_yaml
 from vlp.train import checkpoint as ckpt
 from vlp.train.dist import DistInfo, StopRequest, all_gather_object, all_reduce_sum, setup_distributed
 from vlp.train.ds_config import deepspeed_config, resolve_precision
+from vlp.train.engine import clamp_parameters
 from vlp.train.grad_cache import check_model, grad_cache_step
 from vlp.train.metrics import MetricsWriter, check_wandb, peak_flops
 
@@ -72,6 +73,11 @@ def check_before_work(cfg: DictConfig) -> None:
     check_wandb(t.wandb)
     resolve_precision(t.precision)
     deepspeed_config(cfg, 1)  # rejects train.deepspeed keys that contradict ours
+    init = cfg.model.init_from
+    if init and not os.path.isdir(init) and ckpt.find_resume(cfg.output_dir, t.resume) is None:
+        from vlp.models.init_sources import bad_path
+
+        raise bad_path(init, "is not a directory")  # a resumed run does not read it
     _check_shards(cfg)
 
 
@@ -216,9 +222,15 @@ def train(cfg: DictConfig, make_loader: Optional[Callable] = None) -> TrainResul
         ckpt.write_atomic(os.path.join(out_dir, "config.yaml"), config_yaml.encode())
 
     from vlp.models import build_model, flops_per_sample, param_groups
+    from vlp.models.init_from import without_init_from
 
+    resume_from = ckpt.find_resume(out_dir, t.resume)
     _seed_all(int(t.seed))  # same seed on every rank: identical initial weights
-    model = build_model(cfg.model)
+    # a resumed run restores every weight from its checkpoint: model.init_from (maybe gone by now) is skipped
+    model = build_model(cfg.model if resume_from is None else without_init_from(cfg.model))
+    if rank == 0:
+        for line in getattr(model, "init_report", {}).get("lines", []):
+            print(f"vlp train: init_from {cfg.model.init_from}: {line}", file=sys.stderr, flush=True)
     if t.grad_cache:
         check_model(model)
     image_size = int(cfg.data.image_size or model.image_cfg["size"])
@@ -233,7 +245,6 @@ def train(cfg: DictConfig, make_loader: Optional[Callable] = None) -> TrainResul
     peak = all_reduce_sum([peak_flops(float(t.peak_flops), info.device, float_dtype)], info.device)[0]
 
     step, samples_seen = 0, 0
-    resume_from = ckpt.find_resume(out_dir, t.resume)
     if resume_from is not None:
         state = ckpt.load(engine, resume_from, rank, world)
         step, samples_seen = state["step"], state["samples_seen"]
@@ -305,6 +316,7 @@ def _run(cfg, engine, optimizer, loader, writer, info: DistInfo, stop: StopReque
         if grad_cache:  # one loss over all chunks
             metrics.append(_scalar_metrics(grad_cache_step(engine, chunks, info.device), info.device))
             keys = [[k for ks in keys for k in ks]]
+        clamp_parameters(engine.module, optimizer)  # learnable temperatures back in range, master copies too
         if hasattr(engine.module, "after_step"):
             engine.module.after_step()
         step += 1
