@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -44,15 +45,24 @@ def _rank_peaks(marker: str) -> dict:
     return peaks
 
 
-def run_and_watch(cmd: list, marker: str) -> tuple:
-    """Run `cmd`; poll its rank processes' peak RSS (Linux /proc) until it ends -> (exit code, max KiB)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peaks: dict = {}
-    while proc.poll() is None:
-        for pid, kib in _rank_peaks(marker).items():
-            peaks[pid] = max(kib, peaks.get(pid, 0))
-        time.sleep(0.5)
+def run_and_watch(cmd: list, marker: str, log: str = "") -> tuple:
+    """Run `cmd` (its stdout and stderr to the file `log`, else dropped); poll its rank processes' peak
+    RSS (Linux /proc) until it ends -> (exit code, max KiB)."""
+    with open(log or os.devnull, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        peaks: dict = {}
+        while proc.poll() is None:
+            for pid, kib in _rank_peaks(marker).items():
+                peaks[pid] = max(kib, peaks.get(pid, 0))
+            time.sleep(0.5)
     return proc.returncode, max(peaks.values(), default=0)
+
+
+def free_port() -> int:
+    """A TCP port free now, for the ranks' rendezvous (DeepSpeed's default 29500 may be another run's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _vlp(*args: str) -> list:
@@ -77,26 +87,46 @@ def prepare_data(work: str, train_samples: int, test_samples: int, quiet: bool) 
     return paths
 
 
-def train(name: str, overrides: list, args, paths: dict) -> dict:
-    """One `vlp train` run from scratch; returns throughput and peak RSS of the largest rank."""
+def dual_encoder_overrides() -> list:
+    """`vlp train` overrides that turn CONFIG's ALBEF into a CLIP dual encoder with the same towers: the
+    same ViT, BERT width, tokenizer and 128-d space, and as many text layers as ALBEF's text encoder."""
+    from vlp.config import load_config
+
+    text_layers = int(load_config(CONFIG).model.albef.text_layers)
+    return ["model.type=clip", f"model.text.kwargs.num_hidden_layers={text_layers}"]
+
+
+_INIT_FROM = "vlp train: init_from "  # rank 0's stderr: one line per part of the model.init_from report
+
+
+def train(name: str, overrides: list, args, paths: dict, steps: int = 0) -> dict:
+    """One `vlp train` run (from scratch, or from `model.init_from` in `overrides`) of `steps` (default
+    `args.steps`) into `args.work_dir/name`, its output in `train.log` there; returns throughput, peak
+    RSS of the largest rank and the init_from report lines (empty without init_from)."""
+    steps = steps or args.steps
     out = os.path.join(args.work_dir, name)
     subprocess.run(["rm", "-rf", out], check=True)
-    cmd = _vlp("train", "--config", CONFIG, "--nproc", str(args.nproc), f"output_dir={out}",
+    os.makedirs(out)
+    log = os.path.join(out, "train.log")
+    cmd = _vlp("train", "--config", CONFIG, "--nproc", str(args.nproc), "--master-port", str(free_port()),
+               f"output_dir={out}",
                f"data.train_shards={paths['train']}", f"data.tokenizer.name={paths['bert']}",
-               f"model.text.name={paths['bert']}", f"train.steps={args.steps}",
-               f"train.micro_batch_size={args.micro_batch}", f"train.warmup_steps={max(1, args.steps // 10)}",
-               f"train.log_every={max(1, args.steps // 10)}", "train.save_every=0", "train.tensorboard=false",
+               f"model.text.name={paths['bert']}", f"train.steps={steps}",
+               f"train.micro_batch_size={args.micro_batch}", f"train.warmup_steps={max(1, steps // 10)}",
+               f"train.log_every={max(1, steps // 10)}", "train.save_every=0", "train.tensorboard=false",
                "train.resume=none", *overrides)
     if not args.json:
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    rc, peak_kib = run_and_watch(cmd, f"output_dir={out}")
+    rc, peak_kib = run_and_watch(cmd, f"output_dir={out}\0", log)  # \0 ends the argument: not a prefix match
     if rc != 0:
-        raise SystemExit(f"benchmark: training {name} failed (exit {rc}); rerun the command above to see why")
+        raise SystemExit(f"benchmark: training {name} failed (exit {rc}); its output: {log}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     windows = [r["samples_per_s"] for r in records[1:]] or [records[-1]["samples_per_s"]]
+    with open(log, errors="replace") as f:  # "vlp train: init_from PATH: LINE" -> LINE
+        init = [line.rstrip("\n")[len(_INIT_FROM):].split(": ", 1)[-1] for line in f if line.startswith(_INIT_FROM)]
     return {"run": out, "samples_per_s": sum(windows) / len(windows), "peak_rss_gib": peak_kib / 2**20,
-            "samples_seen": records[-1]["samples_seen"], "final_loss": records[-1]["loss"]}
+            "samples_seen": records[-1]["samples_seen"], "final_loss": records[-1]["loss"], "init_from": init}
 
 
 def evaluate(run: str, paths: dict, rerank_k: int, quiet: bool) -> dict:
@@ -105,7 +135,7 @@ def evaluate(run: str, paths: dict, rerank_k: int, quiet: bool) -> dict:
               "--rerank-k", str(rerank_k), "--workers", "1"), quiet)
     with open(out) as f:
         res = json.load(f)
-    return {"itc": res["metrics"], "reranked": res.get("reranked")}
+    return {"itc": res["metrics"], "reranked": res.get("reranked"), "itm": res.get("itm")}
 
 
 def parameter_counts(overrides: dict, paths: dict) -> dict:
@@ -137,10 +167,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet = args.json
     paths = prepare_data(args.work_dir, args.train_samples, args.test_samples, quiet)
-    from vlp.config import load_config
-
-    text_layers = int(load_config(CONFIG).model.albef.text_layers)
-    models = {"albef": [], "dual_encoder": ["model.type=clip", f"model.text.kwargs.num_hidden_layers={text_layers}"]}
+    models = {"albef": [], "dual_encoder": dual_encoder_overrides()}
     counts = parameter_counts(models, paths)
     results = {}
     for name, overrides in models.items():

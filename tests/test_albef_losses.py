@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp.losses.distill import alpha_at, distilled_cross_entropy, itc_distill_loss
-from vlp.losses.itm import hard_negatives, itm_labels, itm_loss, negative_weights
+from vlp.losses.itm import hard_negatives, hardness_at, itm_labels, itm_loss, negative_weights
 from vlp.losses.mlm import IGNORE, mask_tokens, mlm_loss
 from vlp.models.momentum import buffer_copy, ema_update
 
@@ -59,11 +59,25 @@ def test_hard_negative_weights_survive_half_precision_and_tiny_temperatures():
         negative_weights(torch.zeros(1, 1))
 
 
+def test_negative_curriculum_mixes_uniform_and_hard_weights():
+    sim = torch.tensor([[9.0, 5.0, 0.0], [1.0, 9.0, 1.0], [0.0, 8.0, 9.0]])
+    uniform = negative_weights(sim, hardness=0.0)
+    torch.testing.assert_close(uniform, torch.tensor([[0, .5, .5], [.5, 0, .5], [.5, .5, 0]]))
+    half = negative_weights(sim, hardness=0.5)
+    torch.testing.assert_close(half, 0.5 * uniform + 0.5 * negative_weights(sim))
+    torch.testing.assert_close(half.sum(1), torch.ones(3))
+    assert [hardness_at(s, 100) for s in (0, 50, 100, 500)] == [0.0, 0.5, 1.0, 1.0]
+    assert hardness_at(0, 0) == 1.0  # no curriculum: hard negatives from the first step (the paper)
+
+
 def test_itm_labels_and_loss():
     assert itm_labels(2, torch.device("cpu")).tolist() == [1, 1, 0, 0, 0, 0]
     logits = torch.tensor([[0.0, 5.0], [0.0, 5.0], [5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
-    loss, acc = itm_loss(logits)
-    assert acc.item() == pytest.approx(5 / 6)
+    loss, metrics = itm_loss(logits)
+    assert metrics["itm_acc"].item() == pytest.approx(5 / 6)
+    p = torch.sigmoid(torch.tensor(5.0)).item()  # P(match) of a confident "match"
+    assert metrics["itm_pos_prob"].item() == pytest.approx(p)  # both positives say "match"
+    assert metrics["itm_neg_prob"].item() == pytest.approx((p + 3 * (1 - p)) / 4)  # one of 4 negatives does
     assert loss.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([1, 1, 0, 0, 0, 0])).item())
 
 

@@ -247,6 +247,19 @@ def test_itm_rerank_reorders_top_k(oc, synth_test):
     want = metrics_from_ranks(expected_reversed(ranks["i2t_ranks"], k), expected_reversed(ranks["t2i_ranks"], k))
     assert res["reranked"] == pytest.approx(want) and res["rerank_k"] == k
     assert res["reranked"] != res["metrics"]
+    # held-out ITM accuracy: every text with its image, and both ways with the best-scoring wrong item
+    sim = enc["img"] @ enc["txt"].T
+    txt2img = torch.as_tensor(enc["txt2img"])
+    wrong = txt2img[None, :] != torch.arange(len(enc["img"]))[:, None]
+    pos = -sim[txt2img, torch.arange(len(txt2img))]
+    hard_t = sim.masked_fill(~wrong, float("-inf")).max(1).values  # each image's hardest wrong text
+    hard_i = sim.masked_fill(~wrong, float("-inf")).max(0).values  # each text's hardest wrong image
+    neg = -torch.cat([hard_t, hard_i])
+    itm = res["itm"]
+    assert itm["n_pos"] == len(txt2img) and itm["n_neg"] == len(enc["img"]) + len(txt2img)
+    assert itm["pos_acc"] == pytest.approx(float((pos > 0).double().mean()))
+    assert itm["neg_acc"] == pytest.approx(float((neg <= 0).double().mean()))
+    assert itm["balanced_acc"] == pytest.approx((itm["pos_acc"] + itm["neg_acc"]) / 2)
     with pytest.raises(ValueError, match="match_scores"):
         evaluate_retrieval(oc.model, oc.tokenizer, oc.preprocess, str(synth_test), rerank_k=4, progress=False)
 

@@ -75,9 +75,12 @@ def run_demo(args: argparse.Namespace) -> int:
     print("\n== vlp demo done in %.0f s ==" % (time.time() - t0))
     print("retrieval on %d held-out images: " % json.load(open(results))["n_images"]
           + ", ".join(f"{k}={metrics[k]:.3f}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_recall")))
-    reranked = json.load(open(results)).get("reranked")
+    full = json.load(open(results))
+    reranked = full.get("reranked")
     if reranked:  # fusion models: the ITC top-k re-ordered by the ITM head
         print("after ITM re-ranking: " + ", ".join(f"{k}={reranked[k]:.3f}" for k in ("i2t_r1", "t2i_r1", "mean_recall")))
+        itm = full["itm"]
+        print(f"held-out ITM accuracy (positives and hardest ITC negatives, balanced): {itm['balanced_acc']:.3f}")
     print(f"TensorBoard logs : tensorboard --logdir {os.path.join(out, 'tb')}")
     print(f"metrics          : {os.path.join(out, 'metrics.jsonl')}")
     print(f"results JSON     : {results}")

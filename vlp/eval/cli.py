@@ -155,6 +155,12 @@ def run_retrieval_cli(args) -> int:
         print(f"retrieval on {res['n_images']} images / {res['n_texts']} texts ({res['n_skipped']} skipped): "
               f"i2t R@1 {100 * m['i2t_r1']:.2f}  t2i R@1 {100 * m['t2i_r1']:.2f}  "
               f"mean recall {100 * m['mean_recall']:.2f} -> {args.out}")
+        if "reranked" in res:
+            r, itm = res["reranked"], res["itm"]
+            print(f"ITM re-ranked (top {res['rerank_k']}): i2t R@1 {100 * r['i2t_r1']:.2f}  t2i R@1 "
+                  f"{100 * r['t2i_r1']:.2f}  mean recall {100 * r['mean_recall']:.2f}; held-out ITM accuracy "
+                  f"{100 * itm['balanced_acc']:.1f} (positives {100 * itm['pos_acc']:.1f}, hardest ITC "
+                  f"negatives {100 * itm['neg_acc']:.1f})")
     return 0
 
 

@@ -105,6 +105,7 @@ def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: O
                         batch_size)
             result["reranked"] = metrics_from_ranks(rr["i2t_ranks"], rr["t2i_ranks"], ks)
             result["rerank_k"] = rerank_k
+            result["itm"] = rr["itm"]
     result.update({
         "n_images": len(enc["index"]), "n_texts": len(enc["texts"]),
         "n_samples_read": len(enc["index"]) + len(enc["skipped"]), "n_skipped": len(enc["skipped"]),
@@ -150,5 +151,7 @@ def run_retrieval_eval(model, cfg, rank: int = 0, world_size: int = 1) -> Dict[s
                              progress=False, n_examples=0, what="data.eval_shards")
     flat = dict(res["metrics"])
     flat.update({f"reranked_{k}": v for k, v in res.get("reranked", {}).items()})
+    if "itm" in res:
+        flat["itm_heldout_acc"] = res["itm"]["balanced_acc"]
     flat.update(n_images=res["n_images"], n_texts=res["n_texts"], n_skipped=res["n_skipped"])
     return flat

@@ -8,34 +8,47 @@ and `multinomial` then fails with "invalid multinomial distribution".
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 
-def negative_weights(sim: torch.Tensor) -> torch.Tensor:
+def negative_weights(sim: torch.Tensor, hardness: float = 1.0) -> torch.Tensor:
     """(N, N) similarities (row i's positive at column i) -> row-stochastic fp32 sampling weights with a
-    zero diagonal."""
-    if sim.shape[0] < 2:
+    zero diagonal: `hardness` x softmax(sim) + (1 - hardness) x uniform over the other columns."""
+    n = sim.shape[0]
+    if n < 2:
         raise ValueError("ITM hard negatives need a global batch of at least 2 pairs "
                          "(train.micro_batch_size x ranks >= 2)")
     w = sim.detach().float().clone()
     w.fill_diagonal_(float("-inf"))
-    return F.softmax(w, dim=1)
+    w = F.softmax(w, dim=1)
+    if hardness < 1.0:
+        uniform = torch.full_like(w, 1.0 / (n - 1)).fill_diagonal_(0.0)
+        w = hardness * w + (1.0 - hardness) * uniform
+    return w
+
+
+def hardness_at(step: int, warmup_steps: int) -> float:
+    """Share of the ITM negative drawn by similarity after `step` optimizer steps: a linear curriculum
+    from uniform random negatives (0) to ALBEF's contrastive hard negatives (1) over `warmup_steps`."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)
 
 
 @torch.no_grad()
-def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
-                   generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, generator: Optional[torch.Generator] = None,
+                   hardness: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """One negative per row of the global batch: (text index for each image, image index for each text).
 
     `sim_i2t` (N, N) scores images (rows) against texts; `sim_t2i` texts against images. Drawing with a
     generator seeded alike on every rank gives every rank the same N draws: each keeps its own rows,
     and the result does not depend on how the batch is split across ranks.
     """
-    neg_text = torch.multinomial(negative_weights(sim_i2t), 1, generator=generator).squeeze(1)
-    neg_image = torch.multinomial(negative_weights(sim_t2i), 1, generator=generator).squeeze(1)
+    neg_text = torch.multinomial(negative_weights(sim_i2t, hardness), 1, generator=generator).squeeze(1)
+    neg_image = torch.multinomial(negative_weights(sim_t2i, hardness), 1, generator=generator).squeeze(1)
     return neg_text, neg_image
 
 
@@ -45,12 +58,21 @@ def itm_labels(batch: int, device: torch.device) -> torch.Tensor:
                       torch.zeros(2 * batch, dtype=torch.long, device=device)])
 
 
-def itm_loss(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(3B, 2) logits in the order of `itm_labels` -> (cross-entropy, accuracy)."""
+def itm_loss(logits: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """(3B, 2) logits in the order of `itm_labels` -> (cross-entropy, metrics).
+
+    Metrics (detached): `itm_acc` over the 3B pairs (1/3 of them positive, so "always no match" scores
+    0.667), `itm_pos_prob` / `itm_neg_prob`, the mean match probability of the positives / negatives:
+    at the label-prior plateau both sit near 1/3.
+    """
     labels = itm_labels(logits.shape[0] // 3, logits.device)
     loss = F.cross_entropy(logits.float(), labels)
-    acc = (logits.detach().argmax(1) == labels).float().mean()
-    return loss, acc
+    with torch.no_grad():
+        p = logits.detach().float().softmax(1)[:, 1]
+        b = logits.shape[0] // 3
+        metrics = {"itm_acc": (logits.detach().argmax(1) == labels).float().mean(),
+                   "itm_pos_prob": p[:b].mean(), "itm_neg_prob": p[b:].mean()}
+    return loss, metrics
 
 
-__all__ = ["negative_weights", "hard_negatives", "itm_labels", "itm_loss"]
+__all__ = ["negative_weights", "hardness_at", "hard_negatives", "itm_labels", "itm_loss"]

@@ -76,7 +76,8 @@ def bert_text(bert: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.T
 class FusionEncoder(nn.Module):
     """BERT layers whose self-attention is followed by cross-attention to image tokens (bidirectional)."""
 
-    def __init__(self, config, layers: int, image_dim: int, init_from: Optional[nn.ModuleList] = None):
+    def __init__(self, config, layers: int, image_dim: int, init_from: Optional[nn.ModuleList] = None,
+                 cross_init_std: float = 0.0):
         super().__init__()
         from transformers.models.bert.modeling_bert import BertLayer
 
@@ -91,6 +92,12 @@ class FusionEncoder(nn.Module):
                 missing, unexpected = mine.load_state_dict(theirs.state_dict(), strict=False)
                 if unexpected or any(not k.startswith("crossattention.") for k in missing):
                     raise RuntimeError(f"fusion layer init: missing {missing}, unexpected {unexpected}")
+        if cross_init_std > 0:  # cross-attention projections ~ N(0, std^2), biases 0 (else torch's default)
+            for layer in self.layer:
+                for mod in layer.crossattention.modules():
+                    if isinstance(mod, nn.Linear):
+                        nn.init.normal_(mod.weight, std=cross_init_std)
+                        nn.init.zeros_(mod.bias)
         self.config = cfg
         self.image_in = nn.Identity() if image_dim == cfg.hidden_size else nn.Linear(image_dim, cfg.hidden_size)
 
