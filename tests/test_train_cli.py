@@ -1,5 +1,6 @@
 """`vlp train` on the command line: help text, the launcher command it builds, early config errors."""
 import os
+import socket
 
 import pytest
 
@@ -24,6 +25,10 @@ def test_launcher_command_runs_the_entry_script_on_n_ranks():
     script = next(c for c in cmd if c.endswith("pretrain.py"))
     assert os.path.isfile(script) and script.endswith(os.path.join("launch", "pretrain.py"))
     assert cmd[-3:] == ["--config", "configs/demo_clip.yaml", "train.steps=5"]
+    free = launcher_command("configs/demo_clip.yaml", [], 2)  # default: a free port, not DeepSpeed's fixed 29500
+    port = int(free[free.index("--master_port") + 1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
 
 
 def test_bad_config_fails_before_launching(tmp_path, capsys):

@@ -88,10 +88,12 @@ def worker_main(config: str, overrides: List[str], make_loader: Optional[Callabl
 
 
 def launcher_command(config: str, overrides: List[str], nproc: int, master_port: Optional[int] = None) -> List[str]:
-    """The `deepspeed` launcher command line that starts `nproc` local ranks."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
-    if master_port:
-        cmd += ["--master_port", str(master_port)]
+    """The `deepspeed` launcher command line that starts `nproc` local ranks, on `master_port` or, by default,
+    a free one: two runs on one host would both take DeepSpeed's 29500 and the second would hang."""
+    from vlp.train.dist import free_port
+
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+           "--master_port", str(master_port or free_port())]
     script = _launch_script()
     cmd += [script] if script else ["--module", "vlp.train.cli"]
     return cmd + ["--config", config] + list(overrides)
@@ -121,7 +123,7 @@ def register(subparsers) -> None:
                    help="local processes: one per GPU, or CPU ranks (gloo) on a CPU-only host (default 1: "
                         "train in this process)")
     p.add_argument("--master-port", type=int, default=None,
-                   help="rendezvous port for --nproc > 1 (default: DeepSpeed's 29500)")
+                   help="rendezvous port for --nproc > 1 (default: a free port of this host)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-3")
     p.set_defaults(func=_cmd)
 

@@ -26,7 +26,8 @@ class DistInfo:
     device: torch.device
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,7 +38,7 @@ def _single_process_env() -> None:
     if "WORLD_SIZE" in os.environ:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
 
 
 def setup_distributed(timeout_s: int) -> DistInfo:
