@@ -99,7 +99,7 @@ def test_momentum_weights_are_fp32_buffers_updated_by_ema_after_each_step(yaml_p
     assert all(f"momentum_models.{n}" in model.state_dict() for n in averaged)
     # at build time each momentum copy equals its online part
     for name in ("vision.cls_token", "text.model.embeddings.word_embeddings.weight", "fusion.layer.0.crossattention.self.key.weight",
-                 "mlm_head.decoder.weight", "text_proj.weight"):
+                 "mlm_head.transform.dense.weight", "mlm_head.bias", "text_proj.weight"):
         torch.testing.assert_close(momentum[name], online[name].detach())
     assert "itm_head.weight" in online and "itm_head.weight" not in momentum  # as in the paper
     before = {n: b.clone() for n, b in momentum.items()}
@@ -225,17 +225,23 @@ def test_tokenizer_and_config_errors_name_the_keys(yaml_path, synth_train):
             build_model(_cfg(yaml_path, override).model)
 
 
-def test_fusion_starts_from_the_later_layers_of_a_pretrained_text_model(yaml_path, tmp_path):
-    """bert-base -> layers 0-5 text, 6-11 fusion: the fusion layers keep the pretrained self-attention and
-    feed-forward weights; only cross-attention is new."""
-    from transformers import BertConfig, BertModel
+def _tiny_bert_config(yaml_path):
+    from transformers import BertConfig
 
-    cfg = _cfg(yaml_path).model
-    bert_cfg = BertConfig.from_pretrained(cfg.text.name)
+    bert_cfg = BertConfig.from_pretrained(_cfg(yaml_path).model.text.name)
     bert_cfg.update(dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=16,
                          num_hidden_layers=2))
+    return bert_cfg
+
+
+def test_fusion_starts_from_the_later_layers_of_a_pretrained_text_model(yaml_path, tmp_path, caplog):
+    """bert-base -> layers 0-5 text, 6-11 fusion: the fusion layers keep the pretrained self-attention and
+    feed-forward weights; only cross-attention is new. A bare BertModel has no MLM head to load: the log
+    says so, and the MLM decoder is still the word embeddings."""
+    from transformers import BertModel
+
     torch.manual_seed(3)
-    BertModel(bert_cfg, add_pooling_layer=False).save_pretrained(tmp_path)
+    BertModel(_tiny_bert_config(yaml_path), add_pooling_layer=False).save_pretrained(tmp_path)
     saved = BertModel.from_pretrained(tmp_path, add_pooling_layer=False)
     model = build_model(_cfg(yaml_path, f"model.text.pretrained={tmp_path}").model)
     assert len(model.text.model.encoder.layer) == 1 and len(model.fusion.layer) == 1
@@ -243,4 +249,101 @@ def test_fusion_starts_from_the_later_layers_of_a_pretrained_text_model(yaml_pat
                                saved.encoder.layer[0].output.dense.weight)
     torch.testing.assert_close(model.fusion.layer[0].attention.self.query.weight,
                                saved.encoder.layer[1].attention.self.query.weight)
-    torch.testing.assert_close(model.mlm_head.decoder.weight, saved.embeddings.word_embeddings.weight)
+    assert "has no pretrained MLM head" in caplog.text and "cls.predictions.transform.dense.weight" in caplog.text
+    torch.testing.assert_close(model.text.model.embeddings.word_embeddings.weight, saved.embeddings.word_embeddings.weight)
+    assert torch.equal(model.mlm_head.bias, torch.zeros_like(model.mlm_head.bias))
+
+
+def test_mlm_head_is_berts_pretrained_head_tied_to_the_word_embeddings(yaml_path, tmp_path):
+    """model.text.pretrained = a BertForMaskedLM: the MLM head's transform and bias are the checkpoint's
+    `cls.predictions`, and its decoder is the text tower's word-embedding parameter itself, so MLM logits are
+    BERT's own; the momentum head decodes with the momentum text tower's embeddings."""
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(3)
+    bert = BertForMaskedLM(_tiny_bert_config(yaml_path)).eval()
+    with torch.no_grad():
+        bert.cls.predictions.bias.normal_()  # the default is zeros, which would not show the copy
+        bert.cls.predictions.transform.LayerNorm.weight.uniform_(0.5, 1.5)
+    bert.save_pretrained(tmp_path)
+    model = build_model(_cfg(yaml_path, f"model.text.pretrained={tmp_path}").model)
+    head, pred = model.mlm_head, bert.cls.predictions
+    for name, value in pred.transform.state_dict().items():
+        torch.testing.assert_close(head.transform.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(head.bias, pred.bias, rtol=0, atol=0)
+    # tied: no decoder of its own anywhere (online, momentum, state dict); logits are BERT's
+    assert sorted(n for n, _ in head.named_parameters()) == ["bias", "transform.LayerNorm.bias",
+                                                            "transform.LayerNorm.weight", "transform.dense.bias",
+                                                            "transform.dense.weight"]
+    assert not [k for k in model.state_dict() if "mlm_head.decoder" in k]
+    words = model.text.model.embeddings.word_embeddings
+    hidden = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden, words), bert.cls(hidden))
+    # the MLM loss trains the word embeddings through the decoder, and the tie holds after a step
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    only_mlm = _model(yaml_path, f"model.text.pretrained={tmp_path}", "model.albef.itc_weight=0",
+                      "model.albef.itm_weight=0")
+    out = only_mlm(_batch())
+    out["loss"].backward()
+    grad_rows = only_mlm.text.model.embeddings.word_embeddings.weight.grad.abs().sum(1)
+    unused = sorted(set(range(grad_rows.numel())) - set(_batch()["text_ids"].flatten().tolist()))
+    assert grad_rows[unused].gt(0).all()  # rows of words absent from the batch: reached only by the decoder
+    _step(model, opt, _batch())
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden, words), F.linear(head.transform(hidden), words.weight, head.bias))
+        mm = model.momentum_models
+        m_words = mm["text"].model.embeddings.word_embeddings
+        assert isinstance(m_words.weight, torch.Tensor) and not isinstance(m_words.weight, torch.nn.Parameter)
+        torch.testing.assert_close(mm["mlm_head"](hidden, m_words),
+                                   F.linear(mm["mlm_head"].transform(hidden), m_words.weight, mm["mlm_head"].bias))
+
+
+def test_temperature_is_read_as_is_and_bounded_by_the_trainer(yaml_path):
+    from vlp.train.engine import clamp_parameters
+
+    model = _model(yaml_path, "model.albef.min_temperature=0.05", "model.albef.max_temperature=0.1")
+    assert model.parameter_bounds() == [(model.temp, 0.05, 0.1)]
+    with torch.no_grad():
+        model.temp.fill_(0.2)
+    assert model(_batch())["temperature"] == pytest.approx(0.2)  # no clamp in the forward: it keeps a gradient
+    clamp_parameters(model)
+    assert model.temp.item() == pytest.approx(0.1)
+
+
+def test_itm_settings_for_random_towers(yaml_path):
+    """itm_pool=mean reads the masked mean of the fused tokens; cross_attention_init_std re-draws only the
+    cross-attention; the curriculum's hardness is logged; match_scores is the head's log-odds."""
+    base = _model(yaml_path)
+    model = _model(yaml_path, "model.albef.itm_pool=mean", "model.albef.cross_attention_init_std=0.15",
+                   "model.albef.hard_negative_warmup_steps=4")
+    for mine, theirs in zip(model.fusion.layer, base.fusion.layer):
+        for name, p in mine.named_parameters():
+            q = dict(theirs.named_parameters())[name]
+            if name.startswith("crossattention.") and "LayerNorm" not in name:
+                if name.endswith("weight"):
+                    assert abs(float(p.detach().std()) - 0.15) < 0.02, name
+                else:
+                    assert not p.any(), name
+            else:
+                assert torch.equal(p, q), name  # same seed: everything else as built by default
+    batch = _batch()
+    out = model(batch)
+    assert 0 <= out["itm_pos_prob"] <= 1 and 0 <= out["itm_neg_prob"] <= 1
+    assert out["itm_hardness"] == 0.0  # uniform random negatives at step 0 of 4
+    model.after_step()
+    model.after_step()
+    assert model.negative_hardness() == 0.5
+    model.eval()
+    with torch.no_grad():
+        text = model._text(batch["text_ids"], batch["text_mask"])
+        fused = model.fusion(text, batch["text_mask"], model._pair_tokens(
+            model._image(batch["image"]), model._text_feature(text, batch["text_mask"])))
+        m = batch["text_mask"].unsqueeze(-1).float()
+        logits = model.itm_head((fused * m).sum(1) / m.sum(1))
+        scores = model.match_scores(batch["image"], batch["text_ids"], batch["text_mask"])
+    torch.testing.assert_close(scores, logits[:, 1] - logits[:, 0])
+    for bad, key in (("model.albef.itm_pool=max", "itm_pool"), ("model.albef.hard_negative_warmup_steps=-1",
+                                                               "hard_negative_warmup_steps")):
+        with pytest.raises(ConfigError, match=key):
+            _model(yaml_path, bad)

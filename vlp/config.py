@@ -38,6 +38,16 @@ class TokenizerConfig:
 
 
 @dataclass
+class RandAugmentConfig:
+    """RandAugment as ALBEF pretrains with it (vlp/data/augment.py): `n` ops drawn with replacement from
+    Identity, AutoContrast, Equalize, Brightness, Sharpness, ShearX/Y, TranslateX/Y, Rotate, each applied
+    with probability 0.5 at magnitude `m`. Training only."""
+
+    n: int = 0  # ops per training image; 0 = off (ALBEF: 2)
+    m: int = 7  # magnitude, 0-10 (ALBEF: 7)
+
+
+@dataclass
 class DataConfig:
     train_shards: str = ""  # shard spec; alternatively several weighted `sources`
     sources: List[SourceConfig] = field(default_factory=list)
@@ -50,6 +60,8 @@ class DataConfig:
     image_size: int = 0  # 0: take the vision tower's size
     crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop scale
     interpolation: str = "bilinear"  # nearest | bilinear | bicubic | area
+    hflip: bool = False  # training: mirror half the images (ALBEF does); captions are kept, so "left"/"right" in them then lie
+    randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)  # training: ALBEF's RandAugment
     mean: List[float] = field(default_factory=list)  # empty: from the vision tower
     std: List[float] = field(default_factory=list)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -102,10 +114,13 @@ class AlbefConfig:
     alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these optimizer steps (paper: 1 epoch)
     mlm_prob: float = 0.15  # share of text tokens masked for MLM (80% [MASK], 10% random, 10% kept)
     itc_weight: float = 1.0
-    itm_weight: float = 1.0
+    itm_weight: float = 1.0  # > 1 helps ITM off its label-prior plateau from random towers (demo_albef: 4)
     mlm_weight: float = 1.0
-    max_temperature: float = 0.5  # the learnable temperature (init model.init_temperature) is clamped
-    min_temperature: float = 0.001  # to [min_temperature, max_temperature] at every forward
+    max_temperature: float = 0.5  # the learnable temperature (init model.init_temperature) is clamped in place
+    min_temperature: float = 0.001  # to [min_temperature, max_temperature] after every optimizer step
+    itm_pool: str = "cls"  # ITM head input: cls (the paper: fusion [CLS]) | mean (masked mean of the fused tokens, for random towers)
+    hard_negative_warmup_steps: int = 0  # ITM negatives go from uniform random to hard over these steps (0: hard)
+    cross_attention_init_std: float = 0.0  # fusion cross-attention weights ~ N(0, std^2), biases 0; 0: torch's default init
     seed: int = 0  # seeds the ITM-negative and MLM-mask draws; the same stream on every rank
     pad_token_id: int = 0  # special token ids of data.tokenizer (defaults: bert-base-uncased); never masked
     cls_token_id: int = 101
@@ -115,16 +130,17 @@ class AlbefConfig:
 
 @dataclass
 class BUSConfig:
-    """BUS patch summarization (vlp/models/bus.py; Jiang et al., ICCV 2023). The paper's layers, keep
-    ratio and summary length are not published in a source we could read: the defaults are TRIPS's
-    (same authors, EMNLP 2022) and our own, as marked."""
+    """BUS patch summarization for ALBEF (vlp/models/bus.py; Jiang et al., ICCV 2023). The paper's layers,
+    keep ratio and summary length are not published in a source we could read: the defaults are EViT's,
+    TRIPS's (same authors, EMNLP 2022) and our own, as marked."""
 
-    enabled: bool = False  # text-semantics-aware patch selection (TSPS) in the timm ViT, plus PTM
-    blocks: List[int] = field(default_factory=lambda: [4, 9])  # 0-based ViT blocks with a selector (TRIPS: 5, 10 of 12)
-    keep_rate: float = 0.7  # share of patch tokens each selector keeps (TRIPS: 0.7)
+    enabled: bool = False  # BUS (albef only): patch selection in the ViT and per (image, caption) pair, PAD, PTM
+    blocks: List[int] = field(default_factory=lambda: [3, 6, 9])  # 0-based ViT blocks that drop patches by [CLS] attention, text-agnostic (EViT's)
+    keep_rate: float = 0.7  # share of patch tokens each of those blocks keeps (EViT, TRIPS: 0.7)
+    text_keep_rate: float = 0.7  # share of the ViT's output patches the text-aware selector keeps per (image, caption) pair (ours, TRIPS's rate)
     fuse: bool = True  # fuse the dropped patches into one token weighted by their scores (TRIPS)
-    pad_queries: int = 0  # Patch Abstraction Decoder summary tokens for the fusion encoder; 0 = no PAD (albef only)
-    pad_layers: int = 2  # PAD decoder layers (ours)
+    pad_queries: int = 0  # Patch Abstraction Decoder summary tokens for the fusion encoder; 0 = no PAD
+    pad_layers: int = 1  # PAD decoder layers (ours); the PAD runs once per (image, caption) pair
     pad_heads: int = 0  # PAD attention heads; 0: ViT width / 64
     ptm_weight: float = 1.0  # weight of the patch-text matching loss; 0 = off
     ptm_temperature: float = 0.0  # PTM logit temperature; 0: the model's contrastive temperature
@@ -138,14 +154,15 @@ class ModelConfig:
     text: TowerConfig = field(default_factory=lambda: TowerConfig(kind="open_clip"))
     patch_dropout: float = 0.0
     init_temperature: float = 0.07  # CLIP 0.07, ALIGN 1.0; SigLIP uses init_logit_scale/bias
-    max_logit_scale: float = 100.0
+    max_logit_scale: float = 100.0  # clip/align/siglip: log(logit scale) clamped to [0, ln this] after every step; 0 = off
     label_smoothing: float = 0.0  # ALIGN uses 0.1
     local_loss: bool = False  # open_clip's local-loss variant
     siglip_init_logit_scale: float = 10.0
     siglip_init_bias: float = -10.0
     extra: Dict[str, Any] = field(default_factory=dict)  # model-family specific options
+    init_from: str = ""  # start towers + projections from a vlp run/checkpoint/export or an open_clip/HF export
     albef: AlbefConfig = field(default_factory=AlbefConfig)  # used when type=albef
-    bus: BUSConfig = field(default_factory=BUSConfig)  # BUS patch summarization (clip/align/siglip/albef)
+    bus: BUSConfig = field(default_factory=BUSConfig)  # BUS patch summarization (albef)
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -285,6 +302,9 @@ def _check_values(cfg: DictConfig) -> None:
     scale = list(cfg.data.crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"bad value for 'data.crop_scale': {scale}; want [lo, hi] with 0 < lo <= hi <= 1")
+    ra = cfg.data.randaugment
+    if ra.n < 0 or not 0 <= ra.m <= 10:
+        raise ConfigError(f"bad value for 'data.randaugment': n={ra.n}, m={ra.m}; want n >= 0 (0: off) and 0 <= m <= 10")
     if len(cfg.data.mean) not in (0, 3) or len(cfg.data.std) not in (0, 3):
         raise ConfigError("bad value for 'data.mean'/'data.std': give 3 values each, or leave empty")
     resume = cfg.train.resume

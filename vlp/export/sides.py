@@ -19,9 +19,6 @@ def check_dual_encoder(model: nn.Module) -> None:
         if not hasattr(model, attr):
             raise Unsupported(f"{type(model).__name__} is not a dual encoder (no `{attr}`): only --format vlp "
                               "exports it")
-    if getattr(model, "bus", False):
-        raise Unsupported("model.bus: transformers' and open_clip's ViTs have no text-guided patch selection "
-                          "(BUS TSPS); export with --format vlp")
 
 
 def hf_module(model: nn.Module, side: str) -> Optional[nn.Module]:

@@ -24,28 +24,47 @@ Choices made here, all rank-count invariant (1 rank x 2B gives the losses of 2 r
   optimizer step) applies the EMA, reading ZeRO-3 partitioned parameters through
   `deepspeed.zero.GatheredParameters` without `modifier_rank` (nothing is written back to them), and
   counts the step that drives alpha's ramp (`steps` buffer).
-- The temperature is clamped functionally in forward (an in-place clamp of a DeepSpeed-managed
-  parameter is overwritten by the optimizer's master copy); its gradient is zero outside the range.
+- The temperature is kept in [min_temperature, max_temperature] as the reference does, in place, but
+  after each optimizer step: `parameter_bounds()` names it and the trainer clamps the parameter and
+  DeepSpeed's fp32 master copy (`vlp.train.engine.clamp_parameters`); the forward uses it as is, so
+  its gradient never vanishes at a bound.
 - `model.text.pool=mean` makes the text ITC feature the masked token mean instead of [CLS]: for
   towers trained from scratch, whose [CLS] output is nearly the same for every caption, so that
   contrasting against (gradient-free) momentum features has something to learn from
   (configs/demo_albef.yaml). The paper's pretrained BERT does not need it.
-- The MLM head (BERT's transform + a vocabulary projection initialised from the word embeddings) is
-  new and untied: tying across modules does not survive ZeRO-3 partitioning.
-- BUS (`model.bus`, vlp.models.bus): the text encoder runs first and its ITC input feature steers the
-  ViT's patch selectors (the momentum ViT takes the momentum text's); the Patch Abstraction Decoder,
-  when configured, summarises the image tokens the fusion encoder reads (a momentum copy of it feeds
-  the MLM teacher); the patch-text matching loss is added with `model.bus.ptm_weight`. ITM pairs reuse
-  each image's tokens as selected under its own caption (re-encoding every image under each negative
-  text would add two ViT passes per step). PTM contrasts the pairs of each rank's own batch (B x B
-  relevance maps per selector), so with BUS the PTM term alone depends on the per-rank batch, like
-  open_clip's local loss.
+- ITM from random towers (configs/demo_albef.yaml; BENCHMARKS.md "ALBEF: why ITM did not learn"). With
+  the paper's settings the ITM head sits at the label prior (loss 0.636, accuracy 0.667 = "never a
+  match") for the whole run: the fused representation barely depends on whether image and caption
+  agree, and the only way out is a product of small random weights (cross-attention query x key,
+  value x output), a saddle that the ITC and MLM gradients on the shared towers keep the model in.
+  Four settings, each off by default (the paper's behaviour), get it out; measured one at a time:
+  `itm_pool=mean` (the head reads the masked mean of the fused tokens, so every token's cross-attention
+  gets a direct gradient, not only [CLS]'s), `cross_attention_init_std` (larger random
+  cross-attention weights: the fused tokens depend on the image from step 0; the layers are built
+  without BERT's init, at torch's default ~0.05 for width 128), `itm_weight` > 1 (ITM's share of the
+  towers' gradient against ITC and MLM) and `hard_negative_warmup_steps` (negatives go from uniform
+  random, which differ in several attributes, to the paper's contrastive hard negatives). The
+  logged `itm_pos_prob` / `itm_neg_prob` (mean P(match) of positives / negatives) show the escape
+  from the plateau, where both equal 1/3.
+- The MLM head (`vlp.models.mlm_head`) is BERT's: transform and bias, loaded from the checkpoint's
+  `cls.predictions` when `model.text.pretrained` is a BERT with an MLM head, and the decoder tied to the
+  text tower's word embeddings (read at each call, so the momentum head reads the momentum text's).
+- BUS (`model.bus`, vlp.models.bus): the ViT drops patches text-agnostically ([CLS] attention) and
+  runs once per image (and once in the momentum model); its [CLS] gives the ITC feature exactly as
+  `encode_image` does. Each (image, caption) pair the fusion encoder reads then gets its own patches,
+  kept by the text-aware selector under that pair's caption feature, and the Patch Abstraction
+  Decoder's summary of them: the three ITM pairs (positive, negative image, negative text) under their
+  own captions, as `match_scores` does at re-ranking; MLM (and its momentum teacher, with the momentum
+  selector and PAD) under the *masked* caption, so no masked word reaches the image tokens. The
+  patch-text matching loss (`model.bus.ptm_weight`) contrasts the pairs of each rank's own batch (B x B
+  relevance maps), so with BUS the PTM term alone depends on the per-rank batch, like open_clip's local
+  loss.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -57,33 +76,17 @@ from omegaconf import DictConfig, OmegaConf
 from vlp.config import ConfigError
 from vlp.losses.distill import alpha_at, itc_distill_loss
 from vlp.losses.gather import gather_with_grad, rank_and_world
-from vlp.losses.itm import hard_negatives, itm_loss
+from vlp.losses.itm import hard_negatives, hardness_at, itm_loss
 from vlp.losses.mlm import IGNORE, mask_tokens, mlm_loss
-from vlp.models.bus import add_tsps, build_pad, check_bus, ptm_loss, text_guidance
+from vlp.models.bus import add_vit_selectors, build_pad, build_selector, check_bus, ptm_loss
 from vlp.models.fusion import FusionEncoder, bert_text, check_token_tower, image_tokens, token_tower_kwargs
+from vlp.models.mlm_head import MLMHead, load_pretrained_mlm_head
 from vlp.models.momentum import buffer_copy, ema_update
 from vlp.models.registry import register_model
 from vlp.models.towers import build_text_tower, build_vision_tower
 
 MOMENTUM_PARTS = ("vision", "vision_proj", "text", "text_proj", "fusion", "mlm_head")
 _TOKEN_KEYS = ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
-
-
-class MLMHead(nn.Module):
-    """BERT's prediction-head transform (dense, activation, LayerNorm) and a vocabulary projection."""
-
-    def __init__(self, config, word_embeddings: torch.Tensor):
-        super().__init__()
-        from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
-
-        self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
-        with torch.no_grad():
-            self.decoder.weight.copy_(word_embeddings)
-            self.decoder.bias.zero_()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden))
 
 
 class ALBEF(nn.Module):
@@ -104,24 +107,29 @@ class ALBEF(nn.Module):
         bert.encoder.layer = nn.ModuleList(list(layers)[:a.text_layers])
         bert.config.num_hidden_layers = int(a.text_layers)
         self.fusion = FusionEncoder(bert.config, int(a.fusion_layers), vision.dim,
-                                    init_from=nn.ModuleList(list(layers)[a.text_layers:]))
+                                    init_from=nn.ModuleList(list(layers)[a.text_layers:]),
+                                    cross_init_std=float(a.cross_attention_init_std))
         width = int(bert.config.hidden_size)
         self.vision_proj = nn.Linear(vision.dim, self.embed_dim)
         self.text_proj = nn.Linear(width, self.embed_dim)
         self.itm_head = nn.Linear(width, 2)
-        self.mlm_head = MLMHead(bert.config, bert.embeddings.word_embeddings.weight.detach())
+        self.mlm_head = MLMHead(bert.config)  # decoder: the word embeddings, passed at each call
+        if cfg.text.pretrained:
+            load_pretrained_mlm_head(self.mlm_head, str(cfg.text.pretrained), bert)
         self.vocab_size = int(bert.config.vocab_size)
         self.temp = nn.Parameter(torch.full((1,), float(cfg.init_temperature)))  # shape [1]: DeepSpeed
         bus = cfg.bus
         self.bus = bool(bus.enabled)
-        self.pad = build_pad(bus, vision.dim) if self.bus else None
+        self.pad = build_pad(bus, self.vision) if self.bus else None
         self.ptm_weight = float(bus.ptm_weight) if self.bus else 0.0
         self.ptm_temperature = float(bus.ptm_temperature)
         if self.bus:
-            add_tsps(self.vision, bus, width)
+            add_vit_selectors(self.vision, bus)
+            self.selector = build_selector(bus, self.vision, width)
             if self.ptm_weight:
                 self.ptm_proj = nn.Linear(vision.dim, self.embed_dim)
-        self.momentum_parts = MOMENTUM_PARTS + (("pad",) if self.pad is not None else ())
+        self.momentum_parts = (MOMENTUM_PARTS + (("selector",) if self.bus else ())
+                               + (("pad",) if self.pad is not None else ()))
 
         self.momentum_models = nn.ModuleDict()
         self._slots: Dict[str, List] = {}
@@ -140,15 +148,22 @@ class ALBEF(nn.Module):
         self.train()
 
     # ------------------------------------------------------------------ encoders (eval and training)
-    def _image(self, images: torch.Tensor, momentum: bool = False, texts: Optional[torch.Tensor] = None,
-               ptm: bool = False) -> torch.Tensor:
-        """Image tokens for the fusion encoder, [CLS] first. With BUS: patches selected under `texts`
-        (B, text width; None = text-agnostic), then the PAD summary when configured."""
-        vision = self.momentum_models["vision"] if momentum else self.vision
-        with text_guidance(vision, texts, ptm) if self.bus else contextlib.nullcontext():
-            tokens = image_tokens(vision, images)
+    def _image(self, images: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        """The ViT's output tokens, [CLS] first; never text-dependent (with BUS: after its text-agnostic
+        patch selection). One pass per image serves ITC and every pair's `_pair_tokens`."""
+        return image_tokens(self.momentum_models["vision"] if momentum else self.vision, images)
+
+    def _pair_tokens(self, tokens: torch.Tensor, texts: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        """The image tokens the fusion encoder reads for P (image, caption) pairs: `tokens` (P, N, D) from
+        `_image`, `texts` (P, text width) each pair's caption feature (`_text_feature`). With BUS: the
+        patches the text-aware selector keeps under the pair's caption, then the PAD summary when
+        configured; without BUS: `tokens` as they are."""
+        if not self.bus:
+            return tokens
+        mm = self.momentum_models
+        tokens = (mm["selector"] if momentum else self.selector)(tokens, texts)
         if self.pad is not None:
-            tokens = (self.momentum_models["pad"] if momentum else self.pad)(tokens)
+            tokens = (mm["pad"] if momentum else self.pad)(tokens)
         return tokens
 
     def _text(self, ids: torch.Tensor, mask: torch.Tensor, momentum: bool = False) -> torch.Tensor:
@@ -169,13 +184,23 @@ class ALBEF(nn.Module):
         """(B,L) ids and mask -> (B, embed_dim) unit-norm ITC embeddings of the text encoder (float32)."""
         return F.normalize(self.text_proj(self._text_feature(self._text(ids, mask), mask)).float(), dim=-1)
 
+    def itm_logits(self, fused: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) fused sequence and its (B, L) mask -> (B, 2) ITM logits (no match, match) from the
+        fusion [CLS] (the paper) or, with model.albef.itm_pool=mean, the masked mean of the fused tokens."""
+        if self.opts["itm_pool"] == "mean":
+            m = mask.unsqueeze(-1).to(fused.dtype)
+            return self.itm_head((fused * m).sum(1) / m.sum(1).clamp(min=1.0))
+        return self.itm_head(fused[:, 0])
+
     def match_scores(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ITM score of each (image i, text i) pair: the fusion [CLS]'s "match" logit, shape (B,) float32
-        (ALBEF's retrieval re-ranking score, `itm_head(...)[:, 1]`)."""
+        """ITM score of each (image i, text i) pair, shape (B,) float32: the log-odds of "match",
+        logit(match) - logit(no match). It orders candidates as the match probability does (ALBEF
+        re-ranks by that probability's logit) and is > 0 exactly where the head says "match", so the
+        same score gives the held-out ITM accuracy."""
         text = self._text(ids, mask)
-        image = self._image(images, texts=self._text_feature(text, mask) if self.bus else None)
-        fused = self.fusion(text, mask, image)
-        return self.itm_head(fused[:, 0]).float()[:, 1]
+        image = self._pair_tokens(self._image(images), self._text_feature(text, mask))
+        logits = self.itm_logits(self.fusion(text, mask, image), mask).float()
+        return logits[:, 1] - logits[:, 0]
 
     def example_batch(self, n: int, image_size: int, context_length: int, like: torch.Tensor) -> Dict[str, Any]:
         """A batch of `n` zero images and full-length captions ([CLS], one ordinary token, [SEP]): what
@@ -188,11 +213,21 @@ class ALBEF(nn.Module):
                 "text_ids": ids, "text_mask": torch.ones_like(ids)}
 
     # ------------------------------------------------------------------------------------- training
+    def negative_hardness(self) -> float:
+        """Share of ITM negatives drawn by contrastive similarity now (model.albef.hard_negative_warmup_steps)."""
+        return hardness_at(int(self.steps.item()), int(self.opts["hard_negative_warmup_steps"]))
+
     def alpha(self) -> float:
         return alpha_at(int(self.steps.item()), self.opts["alpha"], int(self.opts["alpha_warmup_steps"]))
 
     def temperature(self) -> torch.Tensor:
-        return self.temp.float().clamp(self.opts["min_temperature"], self.opts["max_temperature"])
+        """The ITC temperature as is (fp32): the trainer keeps it in range after each step."""
+        return self.temp.float()
+
+    def parameter_bounds(self) -> List[Tuple[nn.Parameter, float, float]]:
+        """(parameter, low, high) the trainer clamps in place after each optimizer step (ALBEF: temp in
+        [0.001, 0.5]); see vlp.train.engine.clamp_parameters."""
+        return [(self.temp, float(self.opts["min_temperature"]), float(self.opts["max_temperature"]))]
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The sampling stream of this forward, identical on every rank and after a resume."""
@@ -231,11 +266,11 @@ class ALBEF(nn.Module):
         txt_hid = self._text(ids, mask)
         txt_sem = self._text_feature(txt_hid, mask)
         txt_feat = F.normalize(self.text_proj(txt_sem).float(), dim=-1)
-        img_tok = self._image(images, texts=txt_sem if self.bus else None, ptm=self.ptm_weight > 0)
+        img_tok = self._image(images)  # text-agnostic: ITC's [CLS] is encode_image's
         img_feat = F.normalize(self.vision_proj(img_tok[:, 0]).float(), dim=-1)
         extra: Dict[str, Any] = {}
         if self.ptm_weight:
-            ptm = ptm_loss(self.vision, self.ptm_proj, txt_feat,
+            ptm = ptm_loss(self.selector, self.ptm_proj, img_tok, txt_sem, txt_feat,
                            temp.new_full((1,), self.ptm_temperature) if self.ptm_temperature else temp)
             extra["ptm_loss"] = ptm.detach()
 
@@ -244,7 +279,7 @@ class ALBEF(nn.Module):
             txt_hid_m = self._text(ids, mask, momentum=True)
             txt_sem_m = self._text_feature(txt_hid_m, mask)
             txt_feat_m = F.normalize(mm["text_proj"](txt_sem_m).float(), dim=-1)
-            img_tok_m = self._image(images, momentum=True, texts=txt_sem_m if self.bus else None)
+            img_tok_m = self._image(images, momentum=True)
             img_feat_m = F.normalize(mm["vision_proj"](img_tok_m[:, 0]).float(), dim=-1)
             img_feat_m_all = gather_with_grad(img_feat_m)
             txt_feat_m_all = gather_with_grad(txt_feat_m)
@@ -255,14 +290,17 @@ class ALBEF(nn.Module):
         with torch.no_grad():
             sim_i2t = gather_with_grad(img_feat.detach()) @ txt_feat_m_all.T / temp
             sim_t2i = gather_with_grad(txt_feat.detach()) @ img_feat_m_all.T / temp
-            neg_text, neg_image = hard_negatives(sim_i2t, sim_t2i, gen)
+            neg_text, neg_image = hard_negatives(sim_i2t, sim_t2i, gen, self.negative_hardness())
             neg_text, neg_image = neg_text[rows], neg_image[rows]
             mask_all = gather_with_grad(mask)
         img_tok_all, txt_hid_all = gather_with_grad(img_tok), gather_with_grad(txt_hid)
+        itm_image = torch.cat([img_tok, img_tok_all[neg_image], img_tok])
+        if self.bus:  # every pair's patches selected under that pair's caption, as match_scores does
+            sem_all = gather_with_grad(txt_sem.detach())
+            itm_image = self._pair_tokens(itm_image, torch.cat([txt_sem, txt_sem, sem_all[neg_text]]))
         fused = self.fusion(torch.cat([txt_hid, txt_hid, txt_hid_all[neg_text]]),
-                            torch.cat([mask, mask, mask_all[neg_text]]),
-                            torch.cat([img_tok, img_tok_all[neg_image], img_tok]))
-        itm, itm_acc = itm_loss(self.itm_head(fused[:, 0]))
+                            torch.cat([mask, mask, mask_all[neg_text]]), itm_image)
+        itm, itm_metrics = itm_loss(self.itm_logits(fused, torch.cat([mask, mask, mask_all[neg_text]])))
 
         # MLM conditioned on the image, distilled from the momentum model
         length = ids.shape[1]
@@ -273,13 +311,16 @@ class ALBEF(nn.Module):
         masked, labels = mask_tokens(ids, mask, u_select, u_kind, random_ids, o["mlm_prob"], special,
                                      o["mask_token_id"])
         chosen = labels != IGNORE
-        fused_mlm = self.fusion(self._text(masked, mask), mask, img_tok)
-        logits = self.mlm_head(fused_mlm[chosen])
+        masked_hid = self._text(masked, mask)  # BUS: the masked caption selects MLM's patches, never the caption
+        fused_mlm = self.fusion(masked_hid, mask, self._pair_tokens(img_tok, self._text_feature(masked_hid, mask)))
+        logits = self.mlm_head(fused_mlm[chosen], self.text.model.embeddings.word_embeddings)
         with torch.no_grad(), self._momentum_precision(images):
             teacher = None
             if alpha:
-                fused_m = mm["fusion"](self._text(masked, mask, momentum=True), mask, img_tok_m)
-                teacher = mm["mlm_head"](fused_m[chosen])
+                masked_hid_m = self._text(masked, mask, momentum=True)
+                image_m = self._pair_tokens(img_tok_m, self._text_feature(masked_hid_m, mask), momentum=True)
+                fused_m = mm["fusion"](masked_hid_m, mask, image_m)
+                teacher = mm["mlm_head"](fused_m[chosen], mm["text"].model.embeddings.word_embeddings)
             count = chosen.sum().to(torch.float64)
             if world > 1:
                 dist.all_reduce(count)
@@ -291,7 +332,7 @@ class ALBEF(nn.Module):
         if self.ptm_weight:
             loss = loss + self.ptm_weight * ptm
         return {"loss": loss, "itc_loss": itc.detach(), "itm_loss": itm.detach(), "mlm_loss": mlm.detach(),
-                "itm_acc": itm_acc, "alpha": alpha, "temperature": float(temp.item()), **extra}
+                **itm_metrics, "itm_hardness": self.negative_hardness(), "alpha": alpha, "temperature": float(temp.item()), **extra}
 
     @torch.no_grad()
     def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
@@ -356,6 +397,8 @@ def _check(cfg: DictConfig) -> None:
               ("min_temperature", 0.0 < a.min_temperature <= a.max_temperature,
                "want 0 < min_temperature <= max_temperature")]
     checks += [(f"{k}_weight", a[f"{k}_weight"] >= 0, "must be >= 0") for k in ("itc", "itm", "mlm")]
+    checks += [("itm_pool", a.itm_pool in ("cls", "mean"), "want cls or mean"),
+               ("hard_negative_warmup_steps", a.hard_negative_warmup_steps >= 0, "must be >= 0")]
     for key, ok, want in checks:
         if not ok:
             raise ConfigError(f"bad value for 'model.albef.{key}': {want}, got {a[key]}")

@@ -1,7 +1,10 @@
 """Dual-encoder image-text models: one vision and one text tower, linear heads into a joint space.
 
 - clip: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision"
-  (§2.3-2.4): symmetric InfoNCE, learnable temperature initialised at 0.07, logit scale clamped at 100.
+  (§2.3-2.5): symmetric InfoNCE, learnable temperature initialised at 0.07, logit scale clipped at 100.
+  As open_clip's training loop, the trainer clamps log(logit scale) in place to [0, ln max_logit_scale]
+  after each optimizer step (`parameter_bounds`, vlp.train.engine.clamp_parameters); the forward uses it
+  as is, so the gradient never vanishes at the bound. `model.max_logit_scale=0` turns the clamp off.
 - align: Jia et al. 2021, "Scaling Up Visual and Vision-Language Representation Learning With Noisy
   Text Supervision" (§3.2, §5): the same loss with both directions summed, temperature initialised
   at 1.0 and label smoothing (0.1 in the paper; `model.label_smoothing`).
@@ -9,15 +12,13 @@
   sigmoid loss, t = exp(t') with t' initialised at log 10, bias initialised at -10.
 Locked towers follow LiT (Zhai et al. 2022, "LiT: Zero-Shot Transfer with Locked-image text
 Tuning"): frozen weights, eval mode, no activations kept; their new projection head still trains.
-BUS's text-semantics-aware patch selection (`model.bus`, vlp.models.bus) steers the ViT with the
-paired caption's text-tower feature in training (the text tower runs first) and adds the patch-text
-matching loss; `encode_image` (retrieval, zero-shot) uses the text-agnostic selector.
+BUS (`model.bus`) is ALBEF's only: a dual encoder's image embedding may not depend on the caption
+(vlp.models.bus), and `check_bus` says so.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 
 from vlp.config import ConfigError
 from vlp.losses import clip_loss, siglip_loss
-from vlp.models.bus import add_tsps, check_bus, ptm_loss, text_guidance
+from vlp.models.bus import check_bus
 from vlp.models.registry import register_model
 from vlp.models.towers import Tower, build_towers
 
@@ -62,13 +63,6 @@ class DualEncoder(nn.Module):
             init = math.log(1.0 / cfg.init_temperature)
             self.logit_bias = None
         self.logit_scale = nn.Parameter(torch.full((1,), init))
-        self.bus = bool(cfg.bus.enabled)
-        self.ptm_weight = float(cfg.bus.ptm_weight) if self.bus else 0.0
-        self.ptm_temperature = float(cfg.bus.ptm_temperature)
-        if self.bus:
-            add_tsps(self.vision, cfg.bus, text.dim)
-            if self.ptm_weight:
-                self.ptm_proj = nn.Linear(vision.dim, cfg.embed_dim)
         self.locked = {"vision": bool(cfg.vision.locked), "text": bool(cfg.text.locked)}
         for name, locked in self.locked.items():
             if locked:
@@ -89,12 +83,9 @@ class DualEncoder(nn.Module):
             if module is not self and callable(getattr(module, "after_step", None)):
                 module.after_step()
 
-    def encode_image(self, images: torch.Tensor, texts: Optional[torch.Tensor] = None,
-                     ptm: bool = False) -> torch.Tensor:
-        """(B,3,H,W) normalised pixels -> (B, embed_dim) unit-norm float32 embeddings. With BUS, `texts`
-        (B, text-tower width) steer the patch selection; None: text-agnostic."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["vision"]), \
-                (text_guidance(self.vision, texts, ptm) if self.bus else contextlib.nullcontext()):
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) normalised pixels -> (B, embed_dim) unit-norm float32 embeddings."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["vision"]):
             feats = self.vision(images)
         return F.normalize(self.image_proj(feats).float(), dim=-1)
 
@@ -107,11 +98,13 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_proj(self._text_features(ids, mask)).float(), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """The logit multiplier exp(logit_scale), clamped at `max_logit_scale` (shape [1], fp32)."""
-        log_scale = self.logit_scale.float()
-        if self.max_log_scale is not None:
-            log_scale = log_scale.clamp(max=self.max_log_scale)
-        return log_scale.exp()
+        """The logit multiplier exp(logit_scale) (shape [1], fp32); the trainer keeps it in range."""
+        return self.logit_scale.float().exp()
+
+    def parameter_bounds(self) -> List[Tuple[nn.Parameter, float, float]]:
+        """(parameter, low, high) the trainer clamps in place after each optimizer step: log(logit scale)
+        in [0, ln max_logit_scale] as open_clip (none when max_logit_scale is 0)."""
+        return [] if self.max_log_scale is None else [(self.logit_scale, 0.0, self.max_log_scale)]
 
     def compute_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> Dict[str, Any]:
         """Loss from embeddings of this rank's batch (negatives gathered across ranks)."""
@@ -128,21 +121,9 @@ class DualEncoder(nn.Module):
         return out
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        if not self.bus:
-            image_emb = self.encode_image(batch["image"])
-            text_emb = self.encode_text(batch["text_ids"], batch["text_mask"])
-            return self.compute_loss(image_emb, text_emb)
-        texts = self._text_features(batch["text_ids"], batch["text_mask"])
-        text_emb = F.normalize(self.text_proj(texts).float(), dim=-1)
-        image_emb = self.encode_image(batch["image"], texts, ptm=self.ptm_weight > 0)
-        out = self.compute_loss(image_emb, text_emb)
-        if self.ptm_weight:
-            temp = 1.0 / self.scale()
-            ptm = ptm_loss(self.vision, self.ptm_proj, text_emb,
-                           temp.new_full((1,), self.ptm_temperature) if self.ptm_temperature else temp)
-            out["loss"] = out["loss"] + self.ptm_weight * ptm
-            out["ptm_loss"] = ptm.detach()
-        return out
+        image_emb = self.encode_image(batch["image"])
+        text_emb = self.encode_text(batch["text_ids"], batch["text_mask"])
+        return self.compute_loss(image_emb, text_emb)
 
 
 def _check(cfg: DictConfig) -> None:
@@ -169,6 +150,10 @@ def _check(cfg: DictConfig) -> None:
         init = 1.0 / cfg.init_temperature
     if cfg.max_logit_scale and init > cfg.max_logit_scale * (1 + 1e-6):
         raise ConfigError(f"the initial logit scale {init:g} exceeds 'model.max_logit_scale' {cfg.max_logit_scale:g}")
+    if cfg.max_logit_scale and init < 1.0 - 1e-6:
+        raise ConfigError(f"the initial logit scale {init:g} is below 1 (temperature above 1), where the clamp to "
+                          f"[1, model.max_logit_scale] would move it at the first step; set model.max_logit_scale=0 "
+                          f"to train without the clamp")
 
 
 def build_dual_encoder(cfg: DictConfig) -> DualEncoder:

@@ -28,10 +28,6 @@ def check_model(model: torch.nn.Module) -> None:
         raise ConfigError(f"train.grad_cache=true needs a dual-encoder model whose forward ends in "
                           f"compute_loss(image_emb, text_emb) (model.type clip, align or siglip); "
                           f"{type(model).__name__} has none: set train.grad_cache=false")
-    if getattr(model, "bus", False):
-        raise ConfigError("train.grad_cache=true with model.bus.enabled=true: BUS guides each image with its own "
-                          "caption and adds the patch-text matching loss inside one forward, which GradCache's "
-                          "separate embedding passes cannot replay; set one of them false")
 
 
 def _rng_devices(device: torch.device) -> List[torch.device]:
