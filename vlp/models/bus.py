@@ -39,8 +39,9 @@ the selection is split at the ViT's output:
   ceil(`model.bus.text_keep_rate` x n) stay and the rest are fused into one relevance-weighted token,
   so the main losses reach the relevance through the fused token. A top-k and a gather per pair, no
   ViT rerun. W_q and W_k read the text feature and the patches detached: the head trains itself, not
-  the encoders (measured before, BENCHMARKS.md "BUS": an auxiliary loss through the ViT's own q/k
-  degraded retrieval).
+  the encoders (BENCHMARKS.md "ALBEF + BUS", "How the selector got its design": an auxiliary loss
+  through the ViT's own q/k degraded retrieval). W_q starts random, so the choice depends on the
+  caption from the first step.
 - PAD (`PatchAbstractionDecoder`, `model.bus.pad_queries` learnable queries, `pad_layers` pre-norm
   decoder layers of the ViT's width and MLP ratio: self-attention among the queries, cross-attention
   to the selected tokens, MLP) runs per pair on the selected tokens; the fusion encoder reads the
@@ -62,7 +63,10 @@ Which caption selects, in ALBEF (vlp.models.albef): nothing for ITC (the ViT's [
 (positive, negative image, negative text) its own caption, exactly as `match_scores` does at
 re-ranking; MLM the masked caption (the momentum teacher: the momentum text encoder's feature of it).
 BUS needs ALBEF's fusion encoder: a dual encoder's image embedding may not see the caption, and
-without one BUS would be EViT (`model.vision.evit`) plus a head nothing reads.
+without one BUS would be EViT (`model.vision.evit`) plus a head nothing reads. Measured at ViT-B/16's
+196-patch grid with demo widths (configs/demo_bus.yaml; BENCHMARKS.md "ALBEF + BUS"): 0.60 of
+ALBEF's training FLOPs and 1.55x its samples/s; the ViT is most of what is left, so the in-ViT keep
+rate decides the speed.
 """
 from __future__ import annotations
 
