@@ -39,7 +39,7 @@ def own_process_group():
     if dist.is_initialized():
         import deepspeed.comm
 
-        from vlp.train.dist import release_shm_buffer
+        from vlp.dist import release_shm_buffer
 
         release_shm_buffer()
         deepspeed.comm.destroy_process_group()

@@ -229,6 +229,10 @@ class ReversingFusion(torch.nn.Module):
     def match_scores(self, images, ids, mask):
         return -(self.encode_image(images) * self.encode_text(ids, mask)).sum(-1)
 
+    def temperature(self):
+        """ITC logit = 2 cos, so ITM + ITC (-cos + 2 cos) keeps the ITC order."""
+        return torch.tensor([0.5])
+
 
 def expected_reversed(ranks: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(ranks <= k, k + 1 - ranks, ranks)
@@ -247,6 +251,7 @@ def test_itm_rerank_reorders_top_k(oc, synth_test):
     want = metrics_from_ranks(expected_reversed(ranks["i2t_ranks"], k), expected_reversed(ranks["t2i_ranks"], k))
     assert res["reranked"] == pytest.approx(want) and res["rerank_k"] == k
     assert res["reranked"] != res["metrics"]
+    assert res["reranked_itc"] == pytest.approx(res["metrics"])  # -cos + cos / 0.5: the ITC order again
     # held-out ITM accuracy: every text with its image, and both ways with the best-scoring wrong item
     sim = enc["img"] @ enc["txt"].T
     txt2img = torch.as_tensor(enc["txt2img"])

@@ -45,7 +45,7 @@ def rank_main(out: str, config: str) -> None:
     from vlp.data.tokenizers import build_tokenizer
     from vlp.models import build_model, param_groups
     from vlp.train import checkpoint as ckpt
-    from vlp.train.dist import setup_distributed
+    from vlp.dist import setup_distributed
     from vlp.train.ds_config import deepspeed_config
     from vlp.train.engine import build_engine
 

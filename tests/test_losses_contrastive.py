@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.losses import clip_loss, gather_with_grad, rank_and_world, siglip_loss
+from vlp.dist import gather_with_grad, rank_and_world
+from vlp.losses import clip_loss, siglip_loss
 
 
 def _unit(*shape, seed=0):

@@ -52,7 +52,7 @@ def test_logit_scale_and_master_copy_sit_at_the_bound_and_keep_a_gradient(tmp_pa
     from deepspeed.utils import safe_get_full_grad
 
     from vlp.models import build_model, param_groups
-    from vlp.train.dist import setup_distributed
+    from vlp.dist import setup_distributed
     from vlp.train.ds_config import deepspeed_config
     from vlp.train.engine import build_engine, clamp_parameters
 

@@ -5,7 +5,7 @@ import socket
 import pytest
 
 from vlp.cli import build_parser, main
-from vlp.train.cli import launcher_command
+from vlp.train.cli import train_command
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo_clip.yaml")
 
@@ -18,14 +18,14 @@ def test_help_names_the_options(capsys):
         assert text in out, text
 
 
-def test_launcher_command_runs_the_entry_script_on_n_ranks():
-    cmd = launcher_command("configs/demo_clip.yaml", ["train.steps=5"], 2, master_port=29123)
+def test_train_command_runs_the_entry_script_on_n_ranks():
+    cmd = train_command("configs/demo_clip.yaml", ["train.steps=5"], 2, master_port=29123)
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
     assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "29123"
     script = next(c for c in cmd if c.endswith("pretrain.py"))
     assert os.path.isfile(script) and script.endswith(os.path.join("launch", "pretrain.py"))
     assert cmd[-3:] == ["--config", "configs/demo_clip.yaml", "train.steps=5"]
-    free = launcher_command("configs/demo_clip.yaml", [], 2)  # default: a free port, not DeepSpeed's fixed 29500
+    free = train_command("configs/demo_clip.yaml", [], 2)  # default: a free port, not DeepSpeed's fixed 29500
     port = int(free[free.index("--master_port") + 1])
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))

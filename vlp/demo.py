@@ -79,6 +79,9 @@ def run_demo(args: argparse.Namespace) -> int:
     reranked = full.get("reranked")
     if reranked:  # fusion models: the ITC top-k re-ordered by the ITM head
         print("after ITM re-ranking: " + ", ".join(f"{k}={reranked[k]:.3f}" for k in ("i2t_r1", "t2i_r1", "mean_recall")))
+        both = full["reranked_itc"]
+        print("after ITM + ITC re-ranking (BLIP): "
+              + ", ".join(f"{k}={both[k]:.3f}" for k in ("i2t_r1", "t2i_r1", "mean_recall")))
         itm = full["itm"]
         print(f"held-out ITM accuracy (positives and hardest ITC negatives, balanced): {itm['balanced_acc']:.3f}")
     print(f"TensorBoard logs : tensorboard --logdir {os.path.join(out, 'tb')}")

@@ -57,9 +57,9 @@ def _worker(rank, world, port, export, data, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from vlp.eval.dist import init_from_env
+    from vlp.dist import join_launcher_group
 
-    r, w, _ = init_from_env()
+    r, w, _ = join_launcher_group()
     res = _evaluate(export, data, r, w)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(res, f)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from typing import List, Optional
 
 from vlp.config import EvalConfig
+from vlp.dist import launcher_command
 
 _COMMON_HELP = """
 MODEL may be a training run directory (its latest complete checkpoint; weights of any ZeRO stage are
@@ -50,12 +50,6 @@ CLIP's 80 ImageNet prompts. Example on the synthetic set:
   vlp eval zeroshot --checkpoint runs/demo --data runs/demo/data/test --classnames shapes.txt \\
       --label-key objects.0.shape --templates "a photo of a {}." --out zs.json
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -110,9 +104,7 @@ def _relaunch(args, task: str) -> int:
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc),
-           "--master_port", str(_free_port()), "--module", "vlp.eval"] + argv
-    return subprocess.call(cmd)
+    return subprocess.call(launcher_command(args.nproc, ["--module", "vlp.eval"] + argv))
 
 
 def _info(loaded) -> dict:
@@ -127,12 +119,12 @@ def _info(loaded) -> dict:
 def run_retrieval_cli(args) -> int:
     if args.nproc > 1:
         return _relaunch(args, "retrieval")
-    from vlp.eval.dist import init_from_env
+    from vlp.dist import join_launcher_group
     from vlp.eval.evaluate import evaluate_retrieval
     from vlp.eval.load import load_for_eval
     from vlp.eval.report import git_commit, write_json_atomic, write_report_png
 
-    rank, world, device = init_from_env()
+    rank, world, device = join_launcher_group()
     loaded = load_for_eval(args.checkpoint)
     model = loaded.model.to(device)
     rerank_k = args.rerank_k
@@ -161,13 +153,16 @@ def run_retrieval_cli(args) -> int:
                   f"{100 * r['t2i_r1']:.2f}  mean recall {100 * r['mean_recall']:.2f}; held-out ITM accuracy "
                   f"{100 * itm['balanced_acc']:.1f} (positives {100 * itm['pos_acc']:.1f}, hardest ITC "
                   f"negatives {100 * itm['neg_acc']:.1f})")
+            b = res["reranked_itc"]
+            print(f"ITM + ITC re-ranked (BLIP's score): i2t R@1 {100 * b['i2t_r1']:.2f}  t2i R@1 "
+                  f"{100 * b['t2i_r1']:.2f}  mean recall {100 * b['mean_recall']:.2f}")
     return 0
 
 
 def run_zeroshot_cli(args) -> int:
     if args.nproc > 1:
         return _relaunch(args, "zeroshot")
-    from vlp.eval.dist import init_from_env
+    from vlp.dist import join_launcher_group
     from vlp.eval.load import load_for_eval
     from vlp.eval.report import git_commit, write_json_atomic
     from vlp.eval.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot, read_lines, read_templates
@@ -177,7 +172,7 @@ def run_zeroshot_cli(args) -> int:
         templates = [args.templates]
     else:
         templates = read_templates(args.templates or DEFAULT_TEMPLATES)
-    rank, world, device = init_from_env()
+    rank, world, device = join_launcher_group()
     loaded = load_for_eval(args.checkpoint)
     res = evaluate_zeroshot(loaded.model.to(device), loaded.tokenizer, loaded.preprocess, args.data, classnames,
                             templates, label_key=args.label_key, batch_size=args.batch_size, workers=args.workers,

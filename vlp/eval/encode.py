@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, List
 import torch
 from tqdm.auto import tqdm
 
-from vlp.eval.dist import gather_objects
+from vlp.dist import gather_objects
 
 
 def autocast(device: torch.device):

@@ -82,7 +82,8 @@ def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: O
                        progress: bool = True, n_examples: int = 4, ks=DEFAULT_KS,
                        what: str = "--data") -> Dict[str, Any]:
     """Image<->text retrieval metrics over `data` (shard spec or Karpathy JSON); every rank returns the
-    same dict. `rerank_k > 0` needs `model.match_scores` and adds ITM re-ranked metrics (`reranked`)."""
+    same dict. `rerank_k > 0` needs `model.match_scores` and adds ITM re-ranked metrics (`reranked`: ITM
+    alone; `reranked_itc`: ITM + ITC, see vlp.eval.rerank) and held-out ITM accuracy (`itm`)."""
     if rerank_k and not hasattr(model, "match_scores"):
         raise ValueError(f"rerank_k={rerank_k} needs a fusion model with match_scores; "
                          f"{type(model).__name__} has none (use rerank_k=0)")
@@ -102,8 +103,9 @@ def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: O
             rr = rerank(model, tokenizer, {**ranks, "i2t_topk": ranks["i2t_topk"][:, :rerank_k],
                                            "t2i_topk": ranks["t2i_topk"][:, :rerank_k]},
                         enc["txt2img"], local["pixels"], enc["index"], enc["texts"], rank, world_size, device,
-                        batch_size)
+                        batch_size, enc["img"], enc["txt"])
             result["reranked"] = metrics_from_ranks(rr["i2t_ranks"], rr["t2i_ranks"], ks)
+            result["reranked_itc"] = metrics_from_ranks(rr["i2t_ranks_itc"], rr["t2i_ranks_itc"], ks)
             result["rerank_k"] = rerank_k
             result["itm"] = rr["itm"]
     result.update({
@@ -151,6 +153,7 @@ def run_retrieval_eval(model, cfg, rank: int = 0, world_size: int = 1) -> Dict[s
                              progress=False, n_examples=0, what="data.eval_shards")
     flat = dict(res["metrics"])
     flat.update({f"reranked_{k}": v for k, v in res.get("reranked", {}).items()})
+    flat.update({f"reranked_itc_{k}": v for k, v in res.get("reranked_itc", {}).items()})
     if "itm" in res:
         flat["itm_heldout_acc"] = res["itm"]["balanced_acc"]
     flat.update(n_images=res["n_images"], n_texts=res["n_texts"], n_skipped=res["n_skipped"])

@@ -54,7 +54,8 @@ def _recall_bars(ax, result: Dict[str, Any]) -> None:
     import numpy as np
 
     ks = sorted({int(k.split("_r")[1]) for k in result["metrics"] if k.startswith("i2t_r")})
-    series = [("ITC", result["metrics"])] + ([("ITM re-ranked", result["reranked"])] if "reranked" in result else [])
+    series = [("ITC", result["metrics"])] + ([("ITM re-ranked", result["reranked"])] if "reranked" in result else []) \
+        + ([("ITM + ITC re-ranked", result["reranked_itc"])] if "reranked_itc" in result else [])
     labels = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in ks]
     width = 0.8 / len(series)
     x = np.arange(len(labels))

@@ -2,6 +2,9 @@
 
 ALBEF (Li et al., "Align before Fuse", NeurIPS 2021, Sec. 4 / appendix) retrieves the top-k
 candidates by image-text contrastive similarity and orders them by the image-text matching head.
+BLIP (Li et al., ICML 2022) and LAVIS's ALBEF evaluation order them by the ITM score plus the ITC
+similarity instead; both orders come from the same ITM pass: `reranked` (ITM log-odds alone, ALBEF) and
+`reranked_itc` (ITM log-odds + the ITC logit sim/temperature, a product of the two experts' odds).
 Each (image, text) pair is scored once, by the rank that holds the image's pixels (images stay where
 they were decoded; the captions are small and known everywhere), then the scores are gathered.
 """
@@ -11,7 +14,7 @@ from typing import Dict, List
 
 import torch
 
-from vlp.eval.dist import gather_objects
+from vlp.dist import gather_objects
 from vlp.eval.encode import autocast
 from vlp.eval.retrieval import reranked_ranks
 
@@ -57,12 +60,21 @@ def itm_accuracy(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> Dict[str
             "n_pos": int(pos_scores.numel()), "n_neg": int(neg_scores.numel())}
 
 
+def itc_logit_scale(model) -> float:
+    """1 / the model's ITC temperature (ALBEF's `temperature()`, or CLIP's `logit_scale.exp()`)."""
+    if hasattr(model, "temperature"):
+        return float(1.0 / model.temperature().detach().float().reshape(-1)[0])
+    return float(model.logit_scale.detach().float().exp().reshape(-1)[0])
+
+
 def rerank(model, tokenizer, ranks: Dict[str, torch.Tensor], txt2img: torch.Tensor, pixels: Dict[int, torch.Tensor],
            stream_index: List[int], texts: List[str], rank: int, world_size: int, device: torch.device,
-           batch_size: int) -> Dict[str, torch.Tensor]:
-    """i2t/t2i ranks after ITM re-ranking of the `i2t_topk`/`t2i_topk` candidates in `ranks`, and the
-    held-out ITM accuracy (`itm`) on balanced pairs: every text with its image (positives), every text
-    with its hardest ITC negative image and every image with its hardest ITC negative text (negatives)."""
+           batch_size: int, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """i2t/t2i ranks after ITM re-ranking of the `i2t_topk`/`t2i_topk` candidates in `ranks` (`i2t_ranks`,
+    `t2i_ranks`: ITM alone; `i2t_ranks_itc`, `t2i_ranks_itc`: ITM log-odds + ITC logit, from the
+    normalised embeddings `img_emb`/`txt_emb`), and the held-out ITM accuracy (`itm`) on balanced pairs:
+    every text with its image (positives), every text with its hardest ITC negative image and every image
+    with its hardest ITC negative text (negatives)."""
     i2t_top, t2i_top = ranks["i2t_topk"], ranks["t2i_topk"]
     n_img, n_txt = i2t_top.shape[0], t2i_top.shape[0]
     img_ids = torch.arange(n_img)
@@ -79,6 +91,13 @@ def rerank(model, tokenizer, ranks: Dict[str, torch.Tensor], txt2img: torch.Tens
     flat = pair_scores(model, tokenizer, pairs, owner, pixels, stream_index, texts, rank, world_size, device,
                        batch_size)[inverse]
     i2t_scores, t2i_scores, pos, neg_a, neg_b = flat.split([len(g) for g in groups])
-    return {"i2t_ranks": reranked_ranks(i2t_top, i2t_scores.view_as(i2t_top), img_ids, txt2img, ranks["i2t_ranks"]),
-            "t2i_ranks": reranked_ranks(t2i_top, t2i_scores.view_as(t2i_top), txt2img, img_ids, ranks["t2i_ranks"]),
+    i2t_scores, t2i_scores = i2t_scores.view_as(i2t_top), t2i_scores.view_as(t2i_top)
+    scale = itc_logit_scale(model)
+    img_emb, txt_emb = img_emb.float().cpu(), txt_emb.float().cpu()
+    i2t_itc = (img_emb[:, None, :] * txt_emb[i2t_top]).sum(-1) * scale
+    t2i_itc = (txt_emb[:, None, :] * img_emb[t2i_top]).sum(-1) * scale
+    return {"i2t_ranks": reranked_ranks(i2t_top, i2t_scores, img_ids, txt2img, ranks["i2t_ranks"]),
+            "t2i_ranks": reranked_ranks(t2i_top, t2i_scores, txt2img, img_ids, ranks["t2i_ranks"]),
+            "i2t_ranks_itc": reranked_ranks(i2t_top, i2t_scores + i2t_itc, img_ids, txt2img, ranks["i2t_ranks"]),
+            "t2i_ranks_itc": reranked_ranks(t2i_top, t2i_scores + t2i_itc, txt2img, img_ids, ranks["t2i_ranks"]),
             "itm": itm_accuracy(pos, torch.cat([neg_a, neg_b]))}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.eval.data import EvalDataset, eval_loader, record_meta
-from vlp.eval.dist import gather_objects
+from vlp.dist import gather_objects
 from vlp.eval.encode import encode_local, encode_texts, gather_encoded, skip_counts
 from vlp.eval.evaluate import eval_mode
 

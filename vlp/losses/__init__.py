@@ -1,6 +1,5 @@
 """Training objectives; each works on one process and across data-parallel ranks."""
 from vlp.losses.contrastive import clip_loss
-from vlp.losses.gather import gather_with_grad, rank_and_world
 from vlp.losses.siglip import siglip_loss
 
-__all__ = ["clip_loss", "siglip_loss", "gather_with_grad", "rank_and_world"]
+__all__ = ["clip_loss", "siglip_loss"]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vlp.losses.gather import gather_with_grad, rank_and_world
+from vlp.dist import gather_with_grad, rank_and_world
 
 
 def siglip_loss(

@@ -75,7 +75,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlp.config import ConfigError
 from vlp.losses.distill import alpha_at, itc_distill_loss
-from vlp.losses.gather import gather_with_grad, rank_and_world
+from vlp.dist import gather_with_grad, rank_and_world
 from vlp.losses.itm import hard_negatives, hardness_at, itm_loss
 from vlp.losses.mlm import IGNORE, mask_tokens, mlm_loss
 from vlp.models.bus import add_vit_selectors, build_pad, build_selector, check_bus, ptm_loss

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from vlp.train.dist import all_gather_object, barrier
+from vlp.dist import barrier, gather_objects
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "vlp_state.json"
@@ -115,7 +115,7 @@ def save(engine, output_dir: str, step: int, samples_seen: int, loader_state: An
     torch.save({"rank": rank, "loader": loader_state, "rng": rng_state()},
                os.path.join(path, f"vlp_rank{rank}.pt.tmp"))
     os.replace(os.path.join(path, f"vlp_rank{rank}.pt.tmp"), os.path.join(path, f"vlp_rank{rank}.pt"))
-    loader_states = all_gather_object(loader_state)  # also the barrier after every rank's files
+    loader_states = gather_objects(loader_state)  # also the barrier after every rank's files
     if rank == 0:
         write_atomic(os.path.join(path, "config.yaml"), config_yaml.encode())
         state = {"step": step, "samples_seen": samples_seen, "world_size": world_size, "time": time.time(),

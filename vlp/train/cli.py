@@ -17,6 +17,8 @@ import sys
 import traceback
 from typing import Callable, List, Optional
 
+from vlp.dist import launcher_command, release_shm_buffer
+
 EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
 
 _EPILOG = """\
@@ -87,16 +89,12 @@ def worker_main(config: str, overrides: List[str], make_loader: Optional[Callabl
     return 0
 
 
-def launcher_command(config: str, overrides: List[str], nproc: int, master_port: Optional[int] = None) -> List[str]:
-    """The `deepspeed` launcher command line that starts `nproc` local ranks, on `master_port` or, by default,
-    a free one: two runs on one host would both take DeepSpeed's 29500 and the second would hang."""
-    from vlp.train.dist import free_port
-
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(master_port or free_port())]
+def train_command(config: str, overrides: List[str], nproc: int, master_port: Optional[int] = None) -> List[str]:
+    """The `deepspeed` launcher command line that starts `nproc` local ranks of this config (see
+    `vlp.dist.launcher_command`)."""
     script = _launch_script()
-    cmd += [script] if script else ["--module", "vlp.train.cli"]
-    return cmd + ["--config", config] + list(overrides)
+    target = [script] if script else ["--module", "vlp.train.cli"]
+    return launcher_command(nproc, target + ["--config", config] + list(overrides), master_port)
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -109,7 +107,7 @@ def _cmd(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.nproc == 1:
         return _shutdown_after(worker_main(args.config, args.overrides))
-    return subprocess.call(launcher_command(args.config, args.overrides, args.nproc, args.master_port))
+    return subprocess.call(train_command(args.config, args.overrides, args.nproc, args.master_port))
 
 
 def register(subparsers) -> None:
@@ -148,8 +146,6 @@ def _shutdown_after(rc: int) -> int:
         import deepspeed.comm
 
         deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached world group
-    from vlp.train.dist import release_shm_buffer
-
     release_shm_buffer()  # also when a caller ends with os._exit, which skips atexit
     return rc
 

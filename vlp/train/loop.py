@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 
 from vlp.config import ConfigError, to_dict, to_yaml
 from vlp.train import checkpoint as ckpt
-from vlp.train.dist import DistInfo, StopRequest, all_gather_object, all_reduce_sum, setup_distributed
+from vlp.dist import DistInfo, StopRequest, all_reduce_sum, gather_objects, setup_distributed
 from vlp.train.ds_config import deepspeed_config, resolve_precision
 from vlp.train.engine import clamp_parameters
 from vlp.train.grad_cache import check_model, grad_cache_step
@@ -164,8 +164,7 @@ def _loader_stats(loader, device: torch.device) -> Dict[str, float]:
     flat = {k: float(v) for k, v in sorted(_flat(loader.stats() if hasattr(loader, "stats") else {}, sep="/").items())
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     summed = [k for k in flat if any(k == p or (p.endswith("/") and k.startswith(p)) for p in _SUMMED)]
-    for k, v in zip(summed, all_reduce_sum([flat[k] for k in summed], device) if summed else []):
-        flat[k] = v
+    flat.update(all_reduce_sum({k: flat[k] for k in summed}, device))
     return flat
 
 
@@ -242,7 +241,7 @@ def train(cfg: DictConfig, make_loader: Optional[Callable] = None) -> TrainResul
     flops_sample = float(flops_per_sample(model, image_size, int(cfg.data.tokenizer.context_length)))
     engine, optimizer, scheduler = build_engine(model, groups, cfg, ds_cfg, info.device)
     loader = (make_loader or default_loader)(cfg, model, rank, world)
-    peak = all_reduce_sum([peak_flops(float(t.peak_flops), info.device, float_dtype)], info.device)[0]
+    peak = all_reduce_sum({"peak": peak_flops(float(t.peak_flops), info.device, float_dtype)}, info.device)["peak"]
 
     step, samples_seen = 0, 0
     if resume_from is not None:
@@ -325,16 +324,17 @@ def _run(cfg, engine, optimizer, loader, writer, info: DistInfo, stop: StopReque
         per_micro = torch.stack([torch.stack([m["loss"]] + [m[k] for k in names]) for m in metrics]).cpu()
         finite = torch.isfinite(per_micro[:, 0]).tolist()
         bad_local = [k for k, ok in zip(keys, finite) if not ok]
-        vec = per_micro.mean(0).tolist() + [float(tokens), float(bool(bad_local)), float(stop.signum != 0)]
-        red = all_reduce_sum(vec, info.device)
-        loss = red[0] / world
-        if red[-2] > 0:
-            bad = [k for per_rank in all_gather_object(bad_local) for ks in per_rank for k in ks]
+        red = all_reduce_sum({**{f"metric/{k}": v for k, v in zip(["loss"] + names, per_micro.mean(0).tolist())},
+                              "tokens": float(tokens), "nonfinite_ranks": float(bool(bad_local)),
+                              "stop_ranks": float(stop.signum != 0)}, info.device)
+        loss = red["metric/loss"] / world
+        if red["nonfinite_ranks"] > 0:
+            bad = [k for per_rank in gather_objects(bad_local) for ks in per_rank for k in ks]
             raise NonFiniteLossError(f"non-finite loss at step {step} (mean over ranks: {loss}); "
                                      f"keys of the batches with a non-finite loss: {bad}")
-        stopping = red[-1] > 0
+        stopping = red["stop_ranks"] > 0
         window_steps += 1
-        window_tokens += red[len(names) + 1]
+        window_tokens += red["tokens"]
         bar.update(1)
         evals: Dict[str, float] = {}
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == t.steps):
@@ -349,7 +349,7 @@ def _run(cfg, engine, optimizer, loader, writer, info: DistInfo, stop: StopReque
             dt = max(time.perf_counter() - window_t0, 1e-9)
             sps = window_steps * mb * ga * world / dt
             record = {"step": step, "loss": loss}
-            record.update({k: red[1 + i] / world for i, k in enumerate(names)})
+            record.update({k: red[f"metric/{k}"] / world for k in names})
             record.update({"lr": lr, "samples_per_s": sps, "tokens_per_s": window_tokens / dt,
                            "flops_per_s": sps * flops_sample, "mfu": sps * flops_sample / peak if peak else 0.0,
                            "samples_seen": samples_seen})

@@ -1,0 +1,203 @@
+"""Distributed glue for every part of vlp: process groups, collectives, free ports, launcher commands.
+
+- Training joins through `deepspeed.init_distributed()` (gloo on CPU, nccl on GPU); a plain
+  `python launch/pretrain.py` (no launcher) runs as a world of one. Signals only set a flag
+  (`StopRequest`); ranks act on it together at the next step boundary, after an all-reduce.
+- Evaluation runs as a world of one without a launcher; under `deepspeed --module vlp.eval`
+  (`launcher_command`) every rank encodes its share and `gather_objects` brings the pieces together.
+- Losses that need the global batch all-gather with gradient (`gather_with_grad`), through
+  `torch.distributed._functional_collectives.all_gather_single`, whose backward is a reduce-scatter
+  (sum): each rank's features receive the gradient every rank's loss sends them
+  (`torch.distributed.nn.functional.all_gather` is deprecated in torch 2.14). Without an initialised
+  process group, or with one rank, tensors pass through unchanged.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """Fill the env:// variables for a run started without a launcher (world of one)."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+
+
+def setup_distributed(timeout_s: int) -> DistInfo:
+    """Initialise (once per process) the default process group and pick this rank's device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    _single_process_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        device = torch.device("cpu")
+    else:
+        acc.set_device(local_rank)
+        device = torch.device(acc.device_name(local_rank))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+        if acc.device_name() == "cpu":
+            path = _shm_buffer_path()
+            if path and not _SHM_BUFFERS:
+                atexit.register(release_shm_buffer)
+            if path:
+                _SHM_BUFFERS.append(path)
+    return DistInfo(rank, world, local_rank, local_world, device)
+
+
+_SHM_BUFFERS: List[str] = []  # buffer names of the process groups this process set up
+
+
+def _shm_buffer_path() -> Optional[str]:
+    addr, port, rank = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    if not (addr and port and rank):
+        return None
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffers in /dev/shm (~66 MB of RAM each).
+
+    DeepSpeed's shm comm op creates `deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}` and never
+    removes it, so every finished CPU run leaked RAM until the machine swapped. The names are recorded
+    when the group is set up (a caller may have changed the env:// variables since), plus the one the
+    current environment names. Unlinking only drops the name: peers that still have it mapped keep
+    working."""
+    current = _shm_buffer_path()
+    for path in set(_SHM_BUFFERS + ([current] if current else [])):
+        try:
+            os.unlink(path)
+        except OSError:  # never created (world of one, GPU run) or already gone
+            pass
+    _SHM_BUFFERS.clear()
+
+
+def all_reduce_sum(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    """Sum named scalars over all ranks in one collective; float64 keeps counts exact."""
+    names = list(values)
+    t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=device)
+    if names and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return dict(zip(names, t.tolist()))
+
+
+def gather_objects(obj: Any, world_size: Optional[int] = None) -> List[Any]:
+    """Every rank's picklable `obj`, in rank order (a list of one without a process group, or when the
+    caller's `world_size` is 1: a rank evaluating alone inside a bigger group)."""
+    if world_size == 1 or not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def join_launcher_group() -> Tuple[int, int, torch.device]:
+    """(rank, world_size, device) for evaluation: joins the env:// process group (plain torch, no
+    DeepSpeed engine) when a launcher set WORLD_SIZE > 1, else stays a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def launcher_command(nproc: int, target: Sequence[str], master_port: Optional[int] = None) -> List[str]:
+    """The DeepSpeed launcher command line that starts `nproc` local ranks of `target` (a script path and
+    its arguments, or `["--module", name, ...]`), on `master_port` or, by default, a free one: two runs
+    on one host would both take DeepSpeed's 29500 and the second would hang."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(master_port or free_port())] + list(target)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag (the signal number); a second SIGINT interrupts at once.
+
+    Used as a context manager so that the previous handlers come back when training ends.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: Dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no graceful stop
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def rank_and_world(group: Optional[dist.ProcessGroup] = None) -> Tuple[int, int]:
+    """(rank, world size) in `group`; (0, 1) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    group = group or dist.group.WORLD
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Concatenate `x` (B, ...) from every rank along dim 0, rank order; differentiable.
+
+    Every rank must pass the same shape (drop partial batches: gloo raises, NCCL hangs).
+    """
+    _, world = rank_and_world(group)
+    if world == 1:
+        return x
+    from torch.distributed import _functional_collectives as fc
+
+    out = fc.all_gather_single(x.contiguous(), 0, group or dist.group.WORLD)
+    return out.wait() if isinstance(out, fc.AsyncCollectiveTensor) else out
