@@ -25,9 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vlp.config import load_config  # noqa: E402
-from vlp.data.pipeline import build_eval_loader  # noqa: E402
+from vlp.data.transforms import eval_transform  # noqa: E402
 from vlp.data.tokenizers import build_tokenizer  # noqa: E402
 from vlp.models import build_model  # noqa: E402
+from vlp.eval.data import EvalDataset  # noqa: E402
 from vlp.train.engine import clamp_parameters  # noqa: E402
 
 # The demo recipe and what each leave-one-out variant sets back to the paper's choice.
@@ -57,8 +58,9 @@ def prepare(work: str) -> dict:
 def decode(shards: str, cfg, tokenizer):
     size = {"size": int(cfg.data.image_size or cfg.model.vision.kwargs.get("img_size", 224)),
             "interpolation": cfg.data.interpolation, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
-    parts = [(b["image"], b["text_ids"], b["text_mask"]) for b in build_eval_loader(shards, size, tokenizer, 256, workers=0)]
-    return tuple(torch.cat(x) for x in zip(*parts))
+    items = [it for it in EvalDataset(shards, eval_transform(size)) if "skip" not in it]
+    ids, mask = tokenizer([it["captions"][0] for it in items])
+    return torch.stack([it["image"] for it in items]), ids, mask
 
 
 @torch.no_grad()

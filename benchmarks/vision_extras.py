@@ -59,7 +59,8 @@ def run_variant(name: str, args: argparse.Namespace, paths: dict) -> dict:
 
     from vlp.config import load_config
     from vlp.eval.evaluate import run_retrieval_eval
-    from vlp.export.checkpoint import find_checkpoint, load_trained_model
+    from vlp.checkpoint import find_checkpoint
+    from vlp.load import load_trained_model
     from vlp.models import build_model, flops_per_sample
     from vlp.train import train
 

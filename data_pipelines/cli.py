@@ -120,7 +120,7 @@ def _bert_vocab(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from vlp.data.bench import run_bench
+    from vlp.train.data_bench import run_bench
 
     return run_bench(args)
 

@@ -1,14 +1,11 @@
 """The ALBEF model on one process: losses and gradients, encoders, momentum buffers and their EMA,
 the feature queue, the alpha ramp, exact restore from a state dict, and the errors a user can fix."""
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
-from albef_tiny import write_tiny_albef, write_vocab  # noqa: E402
+from tests.dist.albef_tiny import write_tiny_albef, write_vocab
 
 from vlp.config import ConfigError, load_config  # noqa: E402
 from vlp.models import build_model  # noqa: E402

@@ -1,21 +1,16 @@
 """BUS patch summarization in ALBEF: text-agnostic selection in the ViT, the per-pair text-aware selector,
 PAD, PTM, gradients, and that training never sees what evaluation does not have (ITC, MLM, ITM)."""
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.dist.albef_tiny import write_tiny_albef, write_vocab
 from vlp.config import ConfigError, load_config
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 
 
 def _cfg(tmp_path, synth_train, *extra):
-    from albef_tiny import write_tiny_albef, write_vocab
-
     vocab = write_vocab(synth_train, str(tmp_path / "bert"))
     yaml = write_tiny_albef(str(tmp_path / "tiny.yaml"), vocab)
     return load_config(yaml, ["model.albef.queue_size=8", "model.text.pool=mean", "model.bus.enabled=true",

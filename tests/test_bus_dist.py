@@ -14,9 +14,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DIST = os.path.join(HERE, "dist")
-sys.path.insert(0, DIST)
-from albef_tiny import write_tiny_albef, write_vocab  # noqa: E402
-from train_entry import deepspeed_launch, launcher_env, write_fixed_batches  # noqa: E402
+from tests.dist.albef_tiny import write_tiny_albef, write_vocab
+from tests.dist.train_entry import deepspeed_launch, launcher_env, write_fixed_batches
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -41,7 +40,7 @@ def _train_both_stages(yaml, common, out, batches):
 
 
 def _trained(run_dir, init, keys):
-    from vlp.export.checkpoint import consolidated_state_dict
+    from vlp.checkpoint import consolidated_state_dict
 
     sd = consolidated_state_dict(f"{run_dir}/checkpoints/step_{STEPS:07d}")
     for key in keys:

@@ -37,7 +37,7 @@ def test_roundtrip_through_dict():
     ("train.micro_bach_size=4", "train.micro_batch_size"),
     ("train.steps=abc", "'train.steps'"),
     ("train.steps=0", "'train.steps'"),
-    ("model.type=clipp", "valid: clip"),
+    ("model.type=clipp", "valid: albef, align, clip, siglip"),  # the registry (vlp.families) is the list
     ("train.zero_stage=5", "'train.zero_stage'"),
     ("train.resume=/no/such/ckpt", "'train.resume'"),
     ("data.crop_scale=[1.5,0.2]", "'data.crop_scale'"),
@@ -61,3 +61,16 @@ def test_bad_yaml_names_the_file(tmp_path):
 def test_override_without_equals():
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["train.steps"])
+
+
+def test_a_registered_family_is_a_valid_model_type():
+    """Adding a family is one registration: config validation reads the registry."""
+    from vlp import families
+
+    with pytest.raises(ConfigError, match="'model.type'"):
+        load_config(None, ["model.type=my_family"])
+    families.register_model("my_family")(lambda cfg: None)
+    try:
+        assert load_config(None, ["model.type=my_family"]).model.type == "my_family"
+    finally:
+        families._BUILDERS.pop("my_family")

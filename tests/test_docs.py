@@ -68,5 +68,6 @@ def test_every_subcommand_is_in_the_readme_and_has_help():
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
     for words, parser, summary in commands():
-        assert summary and parser.description or parser.format_help(), words
+        assert summary.strip(), f"{words}: no one-line help in its parent's `--help` (add_parser(help=...))"
+        assert (parser.description or "").strip(), f"{words}: `--help` has no description (add_parser(description=...))"
         assert f"`{' '.join(words)}`" in text, words

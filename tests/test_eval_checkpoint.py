@@ -56,12 +56,12 @@ def runs(synth_train, synth_test, tmp_path_factory):
 def test_runs_of_any_zero_stage_load_to_the_same_model(runs, synth_test, tmp_path):
     from vlp.cli import main
     from vlp.eval.evaluate import evaluate_retrieval
-    from vlp.eval.load import detect_format, load_for_eval
+    from vlp.load import detect_format, load_model
 
     (run0, ckpt0), (run3, ckpt3) = runs[0], runs[3]
     assert os.path.basename(ckpt3) == "step_0000002"
     assert detect_format(run0) == detect_format(ckpt3) == "vlp-checkpoint"
-    a, b = load_for_eval(run0), load_for_eval(ckpt3)  # a run dir (via `latest`), and one checkpoint dir
+    a, b = load_model(run0), load_model(ckpt3)  # a run dir (via `latest`), and one checkpoint dir
     assert a.info["path"] == ckpt0 and b.info["path"] == ckpt3 and a.info["step"] == 2
     assert a.image_cfg["size"] == 32 and a.info["config"].model.embed_dim == 32
     sa, sb = a.model.state_dict(), b.model.state_dict()
@@ -86,9 +86,9 @@ def test_hook_on_a_zero3_engine_equals_the_plain_model(runs):
 
     from vlp.eval import run_retrieval_eval
     from vlp.eval.evaluate import evaluate_retrieval
-    from vlp.eval.load import load_for_eval
+    from vlp.load import load_model
 
-    loaded = load_for_eval(runs[0][0])
+    loaded = load_model(runs[0][0])
     cfg = loaded.info["config"]
     ref = run_retrieval_eval(loaded.model, cfg, 0, 1)
     assert ref["n_images"] == 32 and ref["n_texts"] == 32 and ref["n_skipped"] == 0
@@ -103,25 +103,25 @@ def test_hook_on_a_zero3_engine_equals_the_plain_model(runs):
 
 
 def test_incomplete_runs_are_refused(runs, tmp_path):
-    from vlp.eval.load import load_for_eval
+    from vlp.load import load_model
 
     (tmp_path / "run" / "checkpoints" / "step_0000005").mkdir(parents=True)  # no vlp_state.json: incomplete
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_0000005")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        load_for_eval(str(tmp_path / "run"))
+        load_model(str(tmp_path / "run"))
 
 
 def test_vlp_export_evaluates_like_its_checkpoint(runs, synth_test, tmp_path):
     from vlp.eval.evaluate import evaluate_retrieval
-    from vlp.eval.load import detect_format, load_for_eval
+    from vlp.load import detect_format, load_model
     from vlp.export.vlp_format import write_vlp
 
-    run = load_for_eval(runs[0][0])
+    run = load_model(runs[0][0])
     out = str(tmp_path / "export")
     os.makedirs(out)
     write_vlp(run.model, run.info["config"], run.image_cfg, out, "fp32", "5GB", {})
     assert detect_format(out) == "vlp-export"
-    exp = load_for_eval(out)
+    exp = load_model(out)
     assert exp.image_cfg == run.image_cfg and exp.info["config"].model.embed_dim == 32
     kw = dict(batch_size=16, progress=False)
     assert (evaluate_retrieval(exp.model, exp.tokenizer, exp.preprocess, str(synth_test), **kw)["metrics"]

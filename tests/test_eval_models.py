@@ -13,7 +13,7 @@ import webdataset as wds
 
 from vlp.eval.encode import encode_local, gather_encoded
 from vlp.eval.evaluate import evaluate_retrieval
-from vlp.eval.load import detect_format, load_for_eval
+from vlp.load import detect_format, load_model
 from vlp.eval.retrieval import metrics_from_ranks, retrieval_metrics, retrieval_ranks
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -69,7 +69,7 @@ def oc_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oc(oc_export):
-    return load_for_eval(oc_export)
+    return load_model(oc_export)
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +182,20 @@ def test_bad_samples_are_counted_not_in_the_denominator(oc, synth_test, tmp_path
     ref = evaluate_retrieval(oc.model, oc.tokenizer, oc.preprocess, clean, **kw)
     res = evaluate_retrieval(oc.model, oc.tokenizer, oc.preprocess, dirty, workers=2, **kw)
     assert res["n_images"] == 8 and res["n_texts"] == 8 and res["n_samples_read"] == 13
-    assert res["skipped"] == {"bad_caption": 1, "bad_image": 1, "no_caption": 2, "no_image": 1}
+    assert res["skipped"] == {"bad_text": 1, "unreadable_image": 1, "missing_caption": 2, "missing_image": 1}
     assert {s["key"] for s in res["skipped_examples"]} == {"corrupt", "nocaption", "emptycaption", "latin1", "noimage"}
     assert res["metrics"] == ref["metrics"]
+    # a shard cut mid-member: the samples before the cut count, the cut is one skip, evaluation goes on
+    cut = write_shards(str(tmp_path / "cut"), [{"__key__": r["__key__"], "jpg": r["jpg"], "txt": r["txt"]}
+                                               for r in synth_records(synth_test)[:8]])
+    tar = os.path.join(cut, "1.tar")
+    with open(tar, "r+b") as f:
+        f.truncate(os.path.getsize(tar) // 2)
+    part = evaluate_retrieval(oc.model, oc.tokenizer, oc.preprocess, cut, **kw)
+    # (the member cut in half leaves its sample without a caption or image: skipped as such)
+    assert part["skipped"].pop("truncated_tar") == 1 and set(part["skipped"]) <= {"missing_caption", "missing_image"}
+    assert 4 <= part["n_images"] < 8
+    assert any(e["key"].endswith("1.tar") and e["reason"] == "truncated_tar" for e in part["skipped_examples"])
     allbad = write_shards(str(tmp_path / "allbad"), [{"__key__": "x", "txt": "a caption"}], 1)
     with pytest.raises(ValueError, match="no evaluable samples"):
         evaluate_retrieval(oc.model, oc.tokenizer, oc.preprocess, allbad, **kw)
@@ -207,7 +218,7 @@ def test_karpathy_json_matches_shards(oc, synth_test, tmp_path):
     kw = dict(batch_size=3, progress=False)
     ref = evaluate_retrieval(oc.model, oc.tokenizer, oc.preprocess, clean, **kw)
     res = evaluate_retrieval(oc.model, oc.tokenizer, oc.preprocess, str(karpathy), images_dir=str(tmp_path / "imgs"), **kw)
-    assert res["metrics"] == ref["metrics"] and res["n_images"] == 8 and res["skipped"] == {"no_image": 1}
+    assert res["metrics"] == ref["metrics"] and res["n_images"] == 8 and res["skipped"] == {"missing_image": 1}
     with pytest.raises(ValueError, match="splits present: test, train"):
         evaluate_retrieval(oc.model, oc.tokenizer, oc.preprocess, str(karpathy), split="val", **kw)
 
@@ -295,7 +306,7 @@ def test_transformers_export_matches_direct_use(synth_test, tmp_path):
 
     path = save_hf_clip(str(tmp_path / "hf"))
     assert detect_format(path) == "hf"
-    loaded = load_for_eval(path)
+    loaded = load_model(path)
     assert loaded.image_cfg["size"] == 32 and loaded.image_cfg["interpolation"] == "bicubic"
     res = evaluate_retrieval(loaded.model, loaded.tokenizer, loaded.preprocess, str(synth_test), batch_size=16,
                              progress=False)
@@ -324,7 +335,7 @@ def test_zeroshot_label_key_and_errors(oc, synth_test, tmp_path):
     assert res["n_samples"] == 32 and res["n_skipped"] == 0
     res = evaluate_zeroshot(oc.model, oc.tokenizer, oc.preprocess, str(synth_test), SHAPES, ["a {}."],
                             label_key="objects.1.shape", **kw)  # one-object scenes have no second object
-    assert res["skipped"] == {"no_label": 32 - res["n_samples"]} and 0 < res["n_samples"] < 32
+    assert res["skipped"] == {"missing_label": 32 - res["n_samples"]} and 0 < res["n_samples"] < 32
     with pytest.raises(ValueError, match="not among the 2 class names"):
         evaluate_zeroshot(oc.model, oc.tokenizer, oc.preprocess, str(synth_test), ["circle", "square"], ["a {}."],
                           label_key="objects.0.shape", **kw)

@@ -2,7 +2,7 @@
 and exports from it reproduce the model.
 
 As a script this file is each rank's entry: 2 optimizer steps of a tiny CLIP under ZeRO-3 on fixed
-batches (each rank its half), a checkpoint in vlp's layout (`vlp.train.checkpoint.save`), and the
+batches (each rank its half), a checkpoint in vlp's layout (`vlp.checkpoint.save`), and the
 full parameters gathered with `deepspeed.zero.GatheredParameters` as the reference.
 """
 import os
@@ -44,7 +44,7 @@ def rank_main(out: str, config: str) -> None:
     from vlp.config import load_config, to_yaml
     from vlp.data.tokenizers import build_tokenizer
     from vlp.models import build_model, param_groups
-    from vlp.train import checkpoint as ckpt
+    from vlp import checkpoint as ckpt
     from vlp.dist import setup_distributed
     from vlp.train.ds_config import deepspeed_config
     from vlp.train.engine import build_engine
@@ -98,7 +98,7 @@ def zero3_run(tmp_path_factory):
 def test_zero3_checkpoint_consolidates_to_the_gathered_parameters(zero3_run):
     from safetensors.torch import load_file
 
-    from vlp.export.checkpoint import consolidated_state_dict, find_checkpoint
+    from vlp.checkpoint import consolidated_state_dict, find_checkpoint
 
     ckpt = find_checkpoint(zero3_run)
     assert ckpt.step == 2 and ckpt.state["world_size"] == 2

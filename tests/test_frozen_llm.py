@@ -337,7 +337,7 @@ def test_exports_as_vlp_only_and_reloads(tiny_llama, tmp_path):
     """The frozen layer's buffers travel in the vlp export; open_clip/transformers layouts have no such
     layer (nor EViT), so only the vlp format is offered."""
     import vlp
-    from vlp.export.build import effective_image_cfg
+    from vlp.data.transforms import resolve_image_cfg
     from vlp.export.exporter import supported_formats
     from vlp.export.vlp_format import write_vlp
     from vlp.models import build_model
@@ -352,7 +352,7 @@ def test_exports_as_vlp_only_and_reloads(tiny_llama, tmp_path):
     assert supported_formats(model, cfg) == ["vlp"]
     out = tmp_path / "export"
     out.mkdir()
-    write_vlp(model, cfg, effective_image_cfg(model, cfg.data), str(out), "fp32", "5GB", {})
+    write_vlp(model, cfg, resolve_image_cfg(model.image_cfg, cfg.data), str(out), "fp32", "5GB", {})
     again = vlp.load_pretrained(str(out))
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(again.encode_image(images), model.encode_image(images))

@@ -4,7 +4,6 @@ bit-identical, outside the optimizer, and in the checkpoint; EViT's warm-up coun
 import glob
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ from omegaconf import OmegaConf
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DIST = os.path.join(HERE, "dist")
-sys.path.insert(0, DIST)
-from train_entry import TINY_YAML, deepspeed_launch, write_fixed_batches  # noqa: E402
+from tests.dist.train_entry import TINY_YAML, deepspeed_launch, write_fixed_batches
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -40,7 +38,7 @@ def llama_dir(tmp_path_factory):
 
 def test_frozen_llm_and_evit_train_on_two_ranks_zero2_and_zero3(llama_dir, synth_train, tmp_path):
     from vlp.config import load_config
-    from vlp.export.checkpoint import consolidated_state_dict
+    from vlp.checkpoint import consolidated_state_dict
     from vlp.models import build_model
     from vlp.train.loop import _seed_all
 

@@ -4,21 +4,25 @@ compute what the source's do, the BERT's later layer seeds the fusion layer (cro
 the momentum copies equal the loaded weights, and the report says so. A run trained with init_from resumes,
 evaluates and exports after the source is gone."""
 import logging
-import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
-from albef_tiny import write_tiny_albef, write_vocab  # noqa: E402
+from tests.dist.albef_tiny import write_tiny_albef, write_vocab
 
 from vlp.config import ConfigError, load_config  # noqa: E402
 from vlp.models import build_model  # noqa: E402
+from vlp.train.init_from import init_from  # noqa: E402
 
 # the source: a CLIP with ALBEF's towers, its BERT as deep as ALBEF's text + fusion layers (1 + 1)
 CLIP = ["model.type=clip", "model.text.kwargs.num_hidden_layers=2"]
+
+
+def _initialised(model_cfg):
+    """The model as `vlp train` starts it on a fresh run: built, then `model.init_from` applied."""
+    model = build_model(model_cfg)
+    return model.eval(), init_from(model, model_cfg)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +47,8 @@ def sources(yaml_path, synth_train, tmp_path_factory):
     from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
     from vlp.export import export
-    from vlp.export.checkpoint import checkpoint_config, find_checkpoint, load_trained_model
+    from vlp.checkpoint import checkpoint_config, find_checkpoint
+    from vlp.load import load_trained_model
     from vlp.export.hf import vision_part
     from vlp.train import train
 
@@ -80,9 +85,8 @@ LAYOUTS = {"run": "vlp-checkpoint", "step": "vlp-checkpoint", "vlp": "vlp-export
 def test_albef_starts_from_a_clip_in_any_layout(layout, sources, yaml_path, caplog):
     paths, clip = sources
     torch.manual_seed(1)
-    with caplog.at_level(logging.INFO, logger="vlp.models.init_from"):
-        albef = build_model(_cfg(yaml_path, f"model.init_from={paths[layout]}").model).eval()
-    report = albef.init_report
+    with caplog.at_level(logging.INFO, logger="vlp.train.init_from"):
+        albef, report = _initialised(_cfg(yaml_path, f"model.init_from={paths[layout]}").model)
     assert report["layout"] == LAYOUTS[layout]
     parts = report["parts"]
     for name in ("vision", "text", "vision_proj", "text_proj"):
@@ -126,8 +130,8 @@ def test_albef_starts_from_a_clip_in_any_layout(layout, sources, yaml_path, capl
 
 def test_a_clip_restarts_from_its_own_export_exactly(sources, yaml_path):
     paths, clip = sources
-    model = build_model(_cfg(yaml_path, *CLIP, f"model.init_from={paths['vlp']}").model).eval()
-    assert model.init_report["random"] == ["logit_scale"]
+    model, report = _initialised(_cfg(yaml_path, *CLIP, f"model.init_from={paths['vlp']}").model)
+    assert report["random"] == ["logit_scale"]
     images = torch.randn(2, 3, 32, 32)
     ids = torch.randint(5, 40, (2, 16))
     mask = torch.ones_like(ids)
@@ -139,7 +143,7 @@ def test_a_clip_restarts_from_its_own_export_exactly(sources, yaml_path):
 def test_bad_paths_name_the_key_and_the_layouts(yaml_path, tmp_path):
     for path, why in ((tmp_path / "missing", "is not a directory"), (tmp_path, "holds none of these layouts")):
         with pytest.raises(ConfigError) as err:
-            build_model(_cfg(yaml_path, f"model.init_from={path}").model)
+            _initialised(_cfg(yaml_path, f"model.init_from={path}").model)
         msg = str(err.value)
         assert "'model.init_from'" in msg and why in msg, msg
         for layout in ("vlp_state.json", "vlp_config.yaml", "open_clip_config.json", "VisionTextDualEncoderModel"):
@@ -153,7 +157,7 @@ def test_bad_paths_name_the_key_and_the_layouts(yaml_path, tmp_path):
 def test_a_run_started_with_init_from_resumes_evaluates_and_exports_without_the_source(
         sources, yaml_path, synth_train, tmp_path, capsys):
     from vlp import load_pretrained
-    from vlp.eval.load import load_for_eval
+    from vlp.load import load_model
     from vlp.export import export
     from vlp.train import train
 
@@ -167,7 +171,7 @@ def test_a_run_started_with_init_from_resumes_evaluates_and_exports_without_the_
     shutil.rmtree(source)
     result = train(_cfg(yaml_path, *overrides, "train.steps=2"))  # resumes: init_from is not read again
     assert result.step == 2 and "init_from" not in capsys.readouterr().err
-    loaded = load_for_eval(str(tmp_path / "albef"))
+    loaded = load_model(str(tmp_path / "albef"))
     assert loaded.info["step"] == 2 and loaded.info["config"].model.init_from == source
     out = export(str(tmp_path / "albef"), "vlp", str(tmp_path / "export"), verify=False, log=lambda m: None).out
     model = load_pretrained(out)

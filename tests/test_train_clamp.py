@@ -6,14 +6,11 @@ with lr 10: Adam's first step moves it by about 10, far outside [0, ln 100], wha
 (tests/dist/test_albef_dist.py checks ALBEF's temperature under ZeRO-3 on two ranks.)
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
-from train_entry import write_tiny_config  # noqa: E402
+from tests.dist.train_entry import write_tiny_config
 
 from vlp.config import load_config  # noqa: E402
 

@@ -75,10 +75,16 @@ def test_scheduler_steps_the_optimizer_lr_and_restores_from_state():
         sched.step()
     assert seen == pytest.approx([lr_at(s, 0.1, 0.01, 2, 6) for s in range(6)])
     state = sched.state_dict()
-    assert "lr_lambdas" not in state or state["lr_lambdas"] == [None]  # the schedule comes from the config
-    sched2 = build_scheduler(torch.optim.AdamW([p], lr=0.1), cfg.train)
-    sched2.load_state_dict(state)
-    assert sched2.last_epoch == 6
+    assert state == {"last_epoch": 6}  # the step count only: the schedule comes from the config
+    # a resumed run with a longer schedule and another lr follows its own config from step 3 on
+    longer = _cfg("train.lr=0.2", "train.min_lr=0.01", "train.warmup_steps=2", "train.steps=12")
+    opt2 = torch.optim.AdamW([p], lr=0.123)
+    sched2 = build_scheduler(opt2, longer.train)
+    sched2.load_state_dict({"last_epoch": 3})
+    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == pytest.approx(lr_at(3, 0.2, 0.01, 2, 12))
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_at(4, 0.2, 0.01, 2, 12))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -93,9 +99,8 @@ def test_scheduler_steps_the_optimizer_lr_and_restores_from_state():
 def test_check_before_work_names_the_key(override, message, synth_train):
     from vlp.train.loop import check_before_work
 
-    cfg = _cfg(f"data.train_shards={synth_train}", override)
-    with pytest.raises(ConfigError, match=message):
-        check_before_work(cfg)
+    with pytest.raises(ConfigError, match=message):  # from the schema (load_config) or the machine/files
+        check_before_work(_cfg(f"data.train_shards={synth_train}", override))
 
 
 def test_check_before_work_accepts_a_valid_config(synth_train):

@@ -7,7 +7,7 @@ first use so that `import vlp` stays light.
 
 def __getattr__(name):
     if name in ("load_pretrained", "load_tokenizer"):
-        from vlp import pretrained
+        from vlp import load
 
-        return getattr(pretrained, name)
+        return getattr(load, name)
     raise AttributeError(f"module 'vlp' has no attribute {name!r}")

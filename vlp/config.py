@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from vlp.families import families
+
 
 class ConfigError(ValueError):
     """A configuration problem a user can fix: names the key and what would be valid."""
@@ -148,7 +150,7 @@ class BUSConfig:
 
 @dataclass
 class ModelConfig:
-    type: str = "clip"  # clip | align | siglip | albef
+    type: str = "clip"  # a family of vlp.models.registry: clip | align | siglip | albef
     embed_dim: int = 512
     vision: TowerConfig = field(default_factory=TowerConfig)
     text: TowerConfig = field(default_factory=lambda: TowerConfig(kind="open_clip"))
@@ -225,7 +227,6 @@ class Config:
 _CHOICES = {
     "data.tokenizer.kind": ("open_clip", "hf", "sentencepiece"),
     "data.interpolation": ("nearest", "bilinear", "bicubic", "area"),
-    "model.type": ("clip", "align", "siglip", "albef"),
     "model.vision.kind": ("timm", "hf", "open_clip"),
     "model.text.kind": ("hf", "open_clip"),
     "model.vision.pool": ("", "cls", "mean"),
@@ -284,7 +285,7 @@ def parse_overrides(overrides: List[str]) -> DictConfig:
 
 
 def _check_values(cfg: DictConfig) -> None:
-    for key, choices in _CHOICES.items():
+    for key, choices in [*_CHOICES.items(), ("model.type", families())]:
         val = OmegaConf.select(cfg, key)
         if val not in choices:
             raise ConfigError(f"bad value for '{key}': {val!r}; valid: {', '.join(map(str, choices))}")
@@ -299,6 +300,20 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"bad value for '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
     if cfg.train.log_every == 0:
         raise ConfigError("bad value for 'train.log_every': must be >= 1")
+    t = cfg.train
+    if cfg.eval.every and not cfg.data.eval_shards:
+        raise ConfigError("eval.every > 0 needs data.eval_shards (the held-out shards for retrieval)")
+    for key in ("keep_last", "dist_timeout_s", "peak_flops", "min_lr"):
+        if t[key] < 0:
+            raise ConfigError(f"bad value for 'train.{key}': must be >= 0, got {t[key]}")
+    if t.dist_timeout_s == 0:
+        raise ConfigError("bad value for 'train.dist_timeout_s': must be > 0 seconds")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"bad value for 'train.min_lr': {t.min_lr} is above train.lr={t.lr}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"bad value for 'train.betas': {list(t.betas)}; want two values in [0, 1)")
+    if t.warmup_steps > t.steps:
+        raise ConfigError(f"bad value for 'train.warmup_steps': {t.warmup_steps} exceeds train.steps={t.steps}")
     scale = list(cfg.data.crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"bad value for 'data.crop_scale': {scale}; want [lo, hi] with 0 < lo <= hi <= 1")

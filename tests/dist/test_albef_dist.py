@@ -23,9 +23,8 @@ import torch.multiprocessing as mp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-from albef_tiny import write_tiny_albef, write_vocab  # noqa: E402
-from train_entry import deepspeed_launch, launcher_env, write_fixed_batches  # noqa: E402
+from tests.dist.albef_tiny import write_tiny_albef, write_vocab
+from tests.dist.train_entry import deepspeed_launch, launcher_env, write_fixed_batches
 
 pytestmark = pytest.mark.slow
 WORLD, PER_RANK, STEPS = 2, 4, 3
@@ -120,7 +119,7 @@ def _losses(out):
 
 
 def _state(run_dir):
-    from vlp.export.checkpoint import consolidated_state_dict, find_checkpoint
+    from vlp.checkpoint import consolidated_state_dict, find_checkpoint
 
     return consolidated_state_dict(find_checkpoint(str(run_dir)).path)
 
@@ -143,10 +142,9 @@ def test_zero3_trains_like_one_rank_and_resumes_queues_and_momentum_exactly(setu
                   *common, f"output_dir={two}", "train.micro_batch_size=4")
     assert f"resumed from {two / 'cut' / 'checkpoints' / 'step_0000002'} at step 2" in log
     # the same batches on 1 rank x 8 (ZeRO-0)
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from train_entry import main; sys.exit(main(sys.argv[2:]))"
-    ref = subprocess.run([sys.executable, "-c", code, HERE, *entry, *common, f"output_dir={root / 'one'}",
-                          "train.micro_batch_size=8"], cwd=ROOT, env=launcher_env(), capture_output=True, text=True,
-                         timeout=400)
+    ref = subprocess.run([sys.executable, "-m", "tests.dist.train_entry", *entry, *common,
+                          f"output_dir={root / 'one'}", "train.micro_batch_size=8"], cwd=ROOT, env=launcher_env(),
+                         capture_output=True, text=True, timeout=400)
     assert ref.returncode == 0, ref.stderr[-4000:]
 
     assert sorted(p for p in os.listdir(two / "cut" / "checkpoints") if p.startswith("step_")) == \

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_eval_models import (SHAPES, ReversingFusion, save_open_clip_export, second_caption,  # noqa: E402
-                              synth_records, write_shards)
+from tests.test_eval_models import (SHAPES, ReversingFusion, save_open_clip_export, second_caption,
+                                    synth_records, write_shards)
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +41,10 @@ def setup(synth_test, tmp_path_factory):
 
 def _evaluate(export, data, rank, world):
     from vlp.eval.evaluate import evaluate_retrieval
-    from vlp.eval.load import load_for_eval
+    from vlp.load import load_model
     from vlp.eval.zeroshot import evaluate_zeroshot
 
-    loaded = load_for_eval(export)
+    loaded = load_model(export)
     kw = dict(batch_size=3, workers=0, rank=rank, world_size=world, progress=False)
     r = evaluate_retrieval(ReversingFusion(loaded.model), loaded.tokenizer, loaded.preprocess, data, rerank_k=5, **kw)
     z = evaluate_zeroshot(loaded.model, loaded.tokenizer, loaded.preprocess, data, SHAPES, ["a {}.", "a photo of a {}."],
@@ -78,7 +77,7 @@ def test_rerank_and_zeroshot_two_ranks_equal_one(setup, tmp_path):
     assert two[0] == two[1]  # every rank returns the same dict
     r1, r2 = one["r"], two[0]["r"]
     assert r1["n_images"] == r2["n_images"] == 19 and r1["n_texts"] == r2["n_texts"] == 38
-    assert r1["skipped"] == r2["skipped"] == {"bad_image": 2, "no_caption": 1}
+    assert r1["skipped"] == r2["skipped"] == {"unreadable_image": 2, "missing_caption": 1}
     assert r2["metrics"] == r1["metrics"] and r2["reranked"] == r1["reranked"]
     assert r2["reranked"] != r2["metrics"]
     assert r2["examples"] == r1["examples"]
@@ -100,5 +99,5 @@ def test_cli_under_deepspeed_launcher_equals_one_process(setup, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["world_size"] == 2 and a["world_size"] == 1
-    assert b["metrics"] == a["metrics"] and b["skipped"] == a["skipped"] == {"bad_image": 2, "no_caption": 1}
+    assert b["metrics"] == a["metrics"] and b["skipped"] == a["skipped"] == {"unreadable_image": 2, "missing_caption": 1}
     assert b["n_images"] == a["n_images"] == 19 and b["n_texts"] == 38

@@ -9,8 +9,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-from train_entry import free_port, launcher_env, write_tiny_config  # noqa: E402
+from tests.dist.train_entry import free_port, launcher_env, write_tiny_config
 
 pytestmark = pytest.mark.slow
 PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")

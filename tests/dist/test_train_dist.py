@@ -9,8 +9,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-from train_entry import deepspeed_launch, launcher_env, write_fixed_batches, write_tiny_config  # noqa: E402
+from tests.dist.train_entry import deepspeed_launch, launcher_env, write_fixed_batches, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -46,11 +45,9 @@ def test_zero_stages_on_two_ranks_match_one_rank(tiny_yaml, synth_train, tmp_pat
                       "--runs", runs, *common, f"output_dir={tmp_path}/two", "train.micro_batch_size=16")
     assert rc == 0, log[-4000:]
 
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from train_entry import main; "
-            "sys.exit(main(sys.argv[2:]))")
     env = launcher_env()
-    ref = subprocess.run([sys.executable, "-c", code, HERE, "--config", tiny_yaml, "--fixed", batches, *common,
-                          f"output_dir={tmp_path}/one", "train.micro_batch_size=32"],
+    ref = subprocess.run([sys.executable, "-m", "tests.dist.train_entry", "--config", tiny_yaml, "--fixed", batches,
+                          *common, f"output_dir={tmp_path}/one", "train.micro_batch_size=32"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-4000:]
     expected = _losses(f"{tmp_path}/one/zero0")

@@ -1,4 +1,5 @@
-"""Training and evaluation loaders: shards -> shuffled, decoded, tokenised batch dicts.
+"""The training loader: shards -> shuffled, decoded, tokenised batch dicts. (Evaluation reads the same
+shards with the same reader and skip reasons in a fixed order: `vlp.eval.data`.)
 
 Stages, all inside each DataLoader worker: shard plan (`plan.py`: per-epoch shard shuffle and
 split) -> tar reading with webdataset (`shards.py`) -> weighted source mixing and the sample
@@ -39,10 +40,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.config import ConfigError
-from vlp.data.plan import (batches_per_worker, epoch_ranges, eval_ranges, resampled_ranges)
+from vlp.data.plan import batches_per_worker, epoch_ranges, resampled_ranges
 from vlp.data.samples import SKIP_REASONS, collate, decode_sample, image_keys, pick_caption
 from vlp.data.shards import Shard, resolve_shards
-from vlp.data.stream import PASS_END, RawStream, SourceStream
+from vlp.data.stream import RawStream, SourceStream
 from vlp.data.transforms import ImageTransform, resolve_image_cfg
 
 log = logging.getLogger(__name__)
@@ -363,109 +364,3 @@ def build_train_loader(cfg, image_cfg: Optional[dict], tokenizer, rank: int = 0,
                        batch_size: Optional[int] = None) -> TrainLoader:
     """The training loader for this rank (see the module docstring for its guarantees)."""
     return TrainLoader(cfg, image_cfg, tokenizer, rank, world_size, batch_size)
-
-
-# ------------------------------------------------------------------------------------------ eval
-def _eval_batches(spec: _Spec, worker: int) -> Iterator[Dict]:
-    """One slot's contiguous piece of the shards, in order, last batch partial."""
-    counters = _Counters(spec, f"eval rank {spec.rank} worker {worker}")
-    shards = spec.sources[0].shards
-    ranges = eval_ranges([s.samples for s in shards], spec.rank * spec.slots + worker,
-                         spec.world_size * spec.slots)
-    src = SourceStream(0, shards, lambda p: ranges if p == 0 else [],
-                       lambda reason, url, n: counters.skip(reason, url, n))
-    images: List[np.ndarray] = []
-    texts: List[str] = []
-    keys: List[str] = []
-
-    def flush():
-        batch = collate(images, [pick_caption(t, None) for t in texts], keys, spec.tokenizer, spec.mean, spec.std)
-        batch["text"] = list(texts)
-        batch["_meta"] = {"worker": worker, "skipped": counters.take()}
-        images.clear(), texts.clear(), keys.clear()
-        return batch
-
-    while True:
-        item = next(src)
-        if item is PASS_END:
-            break
-        _, sample = item
-        counters.sample()
-        out = decode_sample(sample, spec.img_keys, spec.caption_key, spec.transform, None)
-        if isinstance(out, str):
-            counters.skip(out, sample.get("__url__", "?"))
-            continue
-        images.append(out[0])
-        texts.append(out[1])
-        keys.append(sample["__key__"])
-        if len(images) == spec.batch_size:
-            yield flush()
-    if images:
-        yield flush()
-    elif counters.delta:  # skips after the last full batch still reach stats()
-        yield {"_meta": {"worker": worker, "skipped": counters.take()}}
-
-
-class _EvalDataset(IterableDataset):
-    def __init__(self, spec: _Spec):
-        super().__init__()
-        self.spec = spec
-
-    def __iter__(self):
-        info = get_worker_info()
-        return _eval_batches(self.spec, info.id if info else 0)
-
-
-class EvalLoader:
-    """Every sample of the eval shards exactly once across ranks, in a fixed order; `text` holds the
-    raw caption field (several captions one per line stay joined), `text_ids` its first line."""
-
-    def __init__(self, spec: _Spec, workers: int):
-        self.spec, self.workers = spec, workers
-        self.num_samples = sum(
-            sum(r[2] - r[1] for r in eval_ranges([s.samples for s in spec.sources[0].shards],
-                                                 spec.rank * spec.slots + w, spec.world_size * spec.slots))
-            for w in range(spec.slots))
-        self._skipped: Counter = Counter()
-        self._samples = 0
-
-    def __iter__(self) -> Iterator[Dict]:
-        for batch in _data_loader(_EvalDataset(self.spec), self.workers):
-            self._skipped.update(batch.pop("_meta")["skipped"]["reasons"])
-            if "key" in batch:
-                self._samples += len(batch["key"])
-                yield batch
-
-    def stats(self) -> dict:
-        return {"samples": self._samples, "expected_samples": self.num_samples,
-                "skipped": {r: int(self._skipped.get(r, 0)) for r in SKIP_REASONS}}
-
-
-def build_eval_loader(cfg_data_or_shards, image_cfg: Optional[dict], tokenizer, batch_size: int,
-                      rank: int = 0, world_size: int = 1, workers: Optional[int] = None) -> EvalLoader:
-    """Deterministic eval batches from `data.eval_shards` (a DataConfig or Config) or a shard spec.
-
-    Images: resize the shorter side + center crop with the model's `image_cfg` interpolation
-    (`data.image_size/mean/std` override when a config is given).
-    """
-    from vlp.config import DataConfig
-    from omegaconf import OmegaConf
-
-    src = cfg_data_or_shards
-    if hasattr(src, "data") and not isinstance(src, str):
-        src = src.data
-    if isinstance(src, str):
-        data, spec_str, what = OmegaConf.structured(DataConfig), src, "eval shards"
-    else:
-        data, spec_str, what = src, src.eval_shards, "data.eval_shards"
-    n_workers = int(data.workers if workers is None else workers)
-    slots = max(1, n_workers)
-    size = resolve_image_cfg(image_cfg, data if not isinstance(src, str) else None)
-    spec = _Spec(
-        sources=[Source("eval", resolve_shards(spec_str, what, counts=True), 1.0)], resampled=False, seed=0,
-        rank=int(rank), world_size=int(world_size), slots=slots, batch_size=int(batch_size), quota=0,
-        per_slot=[], shuffle_buffer=0, img_keys=image_keys(data.image_key), caption_key=data.caption_key,
-        transform=ImageTransform(size["size"], False, interpolation=size["interpolation"]),
-        mean=size["mean"], std=size["std"], tokenizer=tokenizer,
-        max_corrupt_fraction=float(data.max_corrupt_fraction), train=False)
-    return EvalLoader(spec, n_workers)

@@ -45,12 +45,6 @@ def epoch_ranges(counts: Sequence[int], seed: int, epoch: int, source: int, pass
     return window(counts, order, slot * per_slot, (slot + 1) * per_slot)
 
 
-def eval_ranges(counts: Sequence[int], slot: int, n_slots: int) -> List[Range]:
-    """Shards in order, split into `n_slots` near-equal contiguous pieces; nothing dropped."""
-    total = sum(counts)
-    return window(counts, range(len(counts)), slot * total // n_slots, (slot + 1) * total // n_slots)
-
-
 def resampled_ranges(n_shards: int, seed: int, epoch: int, rank: int, worker: int, source: int,
                      pass_: int) -> List[Range]:
     """`n_shards` whole shards drawn with replacement, seeded per (seed, epoch, rank, worker)."""

@@ -7,9 +7,12 @@ import numpy as np
 
 from vlp.data.transforms import ImageTransform, normalize
 
-# every reason a sample (or shard part) is skipped; stats report all of them, zeros included
+# every reason a sample (or shard part) is skipped, in training and in evaluation; training stats report
+# all of them, zeros included
 SKIP_REASONS = ("unreadable_image", "missing_image", "missing_caption", "bad_text",
                 "truncated_tar", "read_error", "short_shard")
+# and the two only zero-shot classification has (a sample's label in its json metadata)
+LABEL_SKIP_REASONS = ("missing_label", "bad_json")
 
 
 def image_keys(spec: str) -> List[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -21,13 +21,13 @@ Encoded = Tuple[torch.Tensor, torch.Tensor]
 
 
 class OpenClipTokenizer:
-    """open_clip's tokenizer; pads with 0 (or the HF pad id for HF-backed open_clip models)."""
+    """open_clip's tokenizer; pads with 0 (or the HF pad id for HF-backed open_clip models).
+    `context_length` None: the model's own (an open_clip export read back as `local-dir:DIR`)."""
 
-    def __init__(self, name: str, context_length: int):
+    def __init__(self, name: str, context_length: Optional[int]):
         import open_clip
 
         self.name = name or "ViT-B-32"
-        self.context_length = context_length
         if ":" not in self.name and self.name not in open_clip.list_models():
             near = difflib.get_close_matches(self.name, open_clip.list_models(), n=1)
             raise ConfigError(f"data.tokenizer.name={self.name!r} is not an open_clip model name"
@@ -38,6 +38,7 @@ class OpenClipTokenizer:
         except Exception as e:
             raise ConfigError(f"data.tokenizer.name={self.name!r}: open_clip cannot build its tokenizer "
                               f"({e}); use an open_clip model name such as 'ViT-B-32'") from None
+        self.context_length = int(context_length or getattr(self._tok, "context_length", 77))
         inner = getattr(self._tok, "tokenizer", None)  # HFTokenizer wraps a transformers tokenizer
         self.pad_id = int(getattr(inner, "pad_token_id", None) or 0)
         self.vocab_size = int(getattr(self._tok, "vocab_size", 0) or len(inner))

@@ -8,18 +8,24 @@ JPEG is decoded with libjpeg-turbo's DCT scaling (simplejpeg `min_height/min_wid
 smallest size that still covers the output resolution; PNG/WebP (and JPEGs simplejpeg refuses,
 e.g. CMYK) go through PIL, with `draft` for JPEG. Resizing uses OpenCV in uint8; the output is
 uint8 CHW, and `normalize` turns a whole batch into float once.
+
+`eval_transform(image_cfg)` is the PIL-image form of the eval protocol (torchvision's resize and center
+crop, the operations open_clip's eval transform applies), for a model evaluated outside our loader: the
+numbers then match tools built on open_clip (CLIP_benchmark). `resize_mode` "shortest" (default)
+resizes the shorter side then crops; "squash" resizes both sides to the target.
 """
 from __future__ import annotations
 
 import io
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
+from torchvision import transforms as tvt
 
 from vlp.data.augment import hflip, rand_augment
 
@@ -169,3 +175,24 @@ def resolve_image_cfg(image_cfg: Optional[dict], data_cfg=None) -> dict:
     if interpolation not in INTERPOLATIONS:
         interpolation = "bicubic"
     return dict(size=size, mean=mean, std=std, interpolation=interpolation)
+
+
+_TV_INTERP = {"nearest": tvt.InterpolationMode.NEAREST, "bilinear": tvt.InterpolationMode.BILINEAR,
+              "bicubic": tvt.InterpolationMode.BICUBIC, "area": tvt.InterpolationMode.BOX,
+              "box": tvt.InterpolationMode.BOX, "lanczos": tvt.InterpolationMode.LANCZOS}
+
+
+def eval_transform(image_cfg: Dict[str, Any]) -> Callable:
+    """PIL RGB image -> normalised float tensor (3, size, size)."""
+    size = int(image_cfg["size"] if not isinstance(image_cfg["size"], (list, tuple)) else image_cfg["size"][-1])
+    interp = str(image_cfg.get("interpolation", "bicubic")).lower()
+    if interp not in _TV_INTERP:
+        raise ValueError(f"image_cfg interpolation {interp!r} unknown; valid: {', '.join(_TV_INTERP)}")
+    mode = image_cfg.get("resize_mode", "shortest")
+    if mode == "shortest":
+        resize = [tvt.Resize(size, interpolation=_TV_INTERP[interp]), tvt.CenterCrop(size)]
+    elif mode == "squash":
+        resize = [tvt.Resize((size, size), interpolation=_TV_INTERP[interp])]
+    else:
+        raise ValueError(f"image_cfg resize_mode {mode!r} unsupported; valid: shortest, squash")
+    return tvt.Compose(resize + [tvt.ToTensor(), tvt.Normalize(list(image_cfg["mean"]), list(image_cfg["std"]))])

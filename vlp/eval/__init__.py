@@ -1,7 +1,6 @@
 """Zero-shot evaluation: image-text retrieval (with optional ITM re-ranking) and classification.
 
-Public API (imported lazily so `vlp --help` stays fast):
-- `load_for_eval(path)` -> (model, tokenizer, image_cfg, preprocess, info) for runs and exports
+Public API (imported lazily so `vlp --help` stays fast; models load through `vlp.load.load_model`):
 - `evaluate_retrieval(...)`, `evaluate_zeroshot(...)`: metrics dicts, identical on every rank
 - `run_retrieval_eval(model, cfg, rank, world_size)`: the trainer's periodic eval hook
 - `retrieval_metrics(img_emb, txt_emb, txt2img)`: the metric core on embeddings
@@ -9,7 +8,6 @@ Public API (imported lazily so `vlp --help` stays fast):
 import importlib
 
 _EXPORTS = {
-    "load_for_eval": "vlp.eval.load",
     "evaluate_retrieval": "vlp.eval.evaluate",
     "run_retrieval_eval": "vlp.eval.evaluate",
     "evaluate_zeroshot": "vlp.eval.zeroshot",

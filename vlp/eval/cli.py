@@ -121,11 +121,11 @@ def run_retrieval_cli(args) -> int:
         return _relaunch(args, "retrieval")
     from vlp.dist import join_launcher_group
     from vlp.eval.evaluate import evaluate_retrieval
-    from vlp.eval.load import load_for_eval
+    from vlp.load import load_model
     from vlp.eval.report import git_commit, write_json_atomic, write_report_png
 
     rank, world, device = join_launcher_group()
-    loaded = load_for_eval(args.checkpoint)
+    loaded = load_model(args.checkpoint)
     model = loaded.model.to(device)
     rerank_k = args.rerank_k
     if rerank_k is None:
@@ -163,7 +163,7 @@ def run_zeroshot_cli(args) -> int:
     if args.nproc > 1:
         return _relaunch(args, "zeroshot")
     from vlp.dist import join_launcher_group
-    from vlp.eval.load import load_for_eval
+    from vlp.load import load_model
     from vlp.eval.report import git_commit, write_json_atomic
     from vlp.eval.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot, read_lines, read_templates
 
@@ -173,7 +173,7 @@ def run_zeroshot_cli(args) -> int:
     else:
         templates = read_templates(args.templates or DEFAULT_TEMPLATES)
     rank, world, device = join_launcher_group()
-    loaded = load_for_eval(args.checkpoint)
+    loaded = load_model(args.checkpoint)
     res = evaluate_zeroshot(loaded.model.to(device), loaded.tokenizer, loaded.preprocess, args.data, classnames,
                             templates, label_key=args.label_key, batch_size=args.batch_size, workers=args.workers,
                             max_samples=args.max_samples, image_key=args.image_key, rank=rank, world_size=world,

@@ -4,8 +4,10 @@ Every sample gets a global index (its position in the stream); rank r of W takes
 `index % W == r`, DataLoader workers split a rank's share further, and results are put back in index
 order after gathering, so any number of ranks and workers gives the same numbers as one process.
 Each rank and worker reads the whole record stream but decodes only its share (reading tar bytes is
-cheap next to JPEG decoding and encoding). Bad samples are not dropped silently: each is returned as a skip with its reason
-(`no_image`, `bad_image`, `no_caption`, `bad_caption`, `no_label`, `bad_json`) and counted.
+cheap next to JPEG decoding and encoding). Shards are read by the training reader
+(`vlp.data.shards.read_shard`), and bad samples are not dropped silently: each is returned as a skip
+with its reason (`vlp.data.samples.SKIP_REASONS`, `LABEL_SKIP_REASONS`) and counted; a tar cut short or
+unreadable ends that shard with one skip (`truncated_tar`, `read_error`) and the evaluation goes on.
 """
 from __future__ import annotations
 
@@ -15,19 +17,23 @@ import os
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp.data.shards import expand_shards
+from vlp.data.shards import expand_shards, read_shard
 
 IMAGE_KEYS = "jpg;jpeg;png;webp"
 CAPTION_KEY = "txt"
 
 
 def _shard_records(spec: str, what: str) -> Iterator[Dict[str, Any]]:
-    for sample in wds.tarfile_samples([{"url": u} for u in expand_shards(spec, what)]):
-        yield sample
+    """Every sample of every shard, then one `__skip__` record per error that ended a shard early."""
+    for url in expand_shards(spec, what):
+        errors: List[str] = []
+        for _, sample in read_shard(url, lambda reason, _url, _exn: errors.append(reason)):
+            yield sample
+        for reason in errors:
+            yield {"__key__": url, "__skip__": reason}
 
 
 def _karpathy_records(path: str, images_dir: Optional[str], split: str) -> Iterator[Dict[str, Any]]:
@@ -67,19 +73,19 @@ def decode_image(rec: Dict[str, Any], image_keys: List[str]):
     """PIL RGB image of a record, or a skip reason."""
     if "__path__" in rec:
         if not os.path.isfile(rec["__path__"]):
-            return None, "no_image"
+            return None, "missing_image"
         with open(rec["__path__"], "rb") as f:
             raw = f.read()
     else:
         raw = next((rec[k] for k in image_keys if k in rec), None)
         if raw is None:
-            return None, "no_image"
+            return None, "missing_image"
     try:
         img = Image.open(io.BytesIO(raw))
         img.load()
         return img.convert("RGB"), None
     except Exception:  # PIL raises many types for corrupt data; the sample is counted as skipped
-        return None, "bad_image"
+        return None, "unreadable_image"
 
 
 def split_captions(value: Any) -> Optional[List[str]]:
@@ -130,6 +136,8 @@ class EvalDataset(IterableDataset):
 
     def _prepare(self, index: int, rec: Dict[str, Any]) -> Dict[str, Any]:
         out: Dict[str, Any] = {"index": index, "key": rec.get("__key__", str(index))}
+        if "__skip__" in rec:  # the shard reader's error (the key is the shard's URL)
+            return {**out, "skip": rec["__skip__"]}
         if self.label_fn is not None:
             label = self.label_fn(rec)
             if isinstance(label, str):
@@ -137,12 +145,12 @@ class EvalDataset(IterableDataset):
             out["label"] = int(label)
         else:
             if self.caption_key not in rec:
-                return {**out, "skip": "no_caption"}
+                return {**out, "skip": "missing_caption"}
             captions = split_captions(rec[self.caption_key])
             if captions is None:
-                return {**out, "skip": "bad_caption"}
+                return {**out, "skip": "bad_text"}
             if not captions:
-                return {**out, "skip": "no_caption"}
+                return {**out, "skip": "missing_caption"}
             out["captions"] = captions
         img, reason = decode_image(rec, self.image_keys)
         if reason:

@@ -12,10 +12,14 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from vlp.eval.data import CAPTION_KEY, IMAGE_KEYS, EvalDataset, eval_loader
+from vlp.config import TokenizerConfig
+from vlp.data.tokenizers import build_tokenizer
+from vlp.data.transforms import eval_transform, resolve_image_cfg
+from vlp.eval.data import CAPTION_KEY, EvalDataset, IMAGE_KEYS, eval_loader
 from vlp.eval.encode import encode_local, gather_encoded, skip_counts
 from vlp.eval.rerank import rerank
 from vlp.eval.retrieval import DEFAULT_KS, metrics_from_ranks, retrieval_ranks
+from vlp.models import build_model
 
 REPORT_TOPK = 5
 
@@ -63,10 +67,8 @@ def unpartitioned_copy(model, model_cfg):
     """
     import deepspeed
 
-    from vlp.export.build import build_without_pretrained
-
     params = _partitioned(model)
-    copy = build_without_pretrained(model_cfg)  # the weights come from the engine, not from the hub
+    copy = build_model(model_cfg, pretrained=False)  # the weights come from the engine, not from the hub
     keys = set(copy.state_dict())  # persistent entries only
     with deepspeed.zero.GatheredParameters(params):
         state = {n: p.detach().clone() for n, p in model.named_parameters() if n in keys}
@@ -121,9 +123,6 @@ def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: O
 def _tokenizer(kind: str, name: str, context_length: int):
     from omegaconf import OmegaConf
 
-    from vlp.config import TokenizerConfig
-    from vlp.data.tokenizers import build_tokenizer
-
     return build_tokenizer(OmegaConf.structured(TokenizerConfig(kind=kind, name=name, context_length=context_length)))
 
 
@@ -134,14 +133,11 @@ def run_retrieval_eval(model, cfg, rank: int = 0, world_size: int = 1) -> Dict[s
     (`unpartitioned_copy`), so ranks never wait on each other inside the encoders. Returns flat metrics (`i2t_r1`, ..., `mean_recall`, ranks,
     `reranked_*` for fusion models, `n_images`, `n_texts`, `n_skipped`), identical on every rank.
     """
-    from vlp.eval.load import image_cfg_for
-    from vlp.eval.preprocess import eval_transform
-
     if not cfg.data.eval_shards:
         raise ValueError("eval.every > 0 needs data.eval_shards (a shard spec of the held-out set)")
     tok_cfg = cfg.data.tokenizer
     tokenizer = _tokenizer(tok_cfg.kind, tok_cfg.name, tok_cfg.context_length)
-    image_cfg = image_cfg_for(model.image_cfg, cfg.data)
+    image_cfg = resolve_image_cfg(model.image_cfg, cfg.data)
     device = next(model.parameters()).device
     if _partitioned(model):
         model = unpartitioned_copy(model, cfg.model)

@@ -7,7 +7,7 @@ renormalised; an image is assigned the class of highest cosine similarity.
 Labels: by default a sample's `cls` field (an integer), else its json `label` or `class` field;
 `label_key` names a field of the json metadata instead, dotted for nesting (`objects.0.shape` in the
 synthetic set). A label is a class index or a class name from the classnames file. Samples without
-a label are skipped and counted (`no_label`); a label that is neither is an error.
+a label are skipped and counted (`missing_label`); a label that is neither is an error.
 Top-k uses the pessimistic tie rule of `vlp.eval.retrieval`: the true class ranks behind every other
 class with an equal score.
 """
@@ -76,7 +76,7 @@ class LabelFn:
     def __call__(self, rec: Dict[str, Any]):
         value = self._value(rec)
         if value is None:
-            return "no_label"
+            return "missing_label"
         if value == "bad_json":
             return value
         if isinstance(value, str) and not value.lstrip("-").isdigit():

@@ -4,9 +4,9 @@ open_clip or vlp model directory with a model card, optionally pushed to the Hug
     from vlp.export import export
     export("runs/demo", "hf", "runs/demo/export/hf")
 
-`vlp.load_pretrained` reads the vlp layout back. Modules: checkpoint (find + consolidate), hf,
-openclip, vlp_format (the layouts), transformer_ir (tower weight mapping), tokenizer_files,
-model_card, verify, hub, exporter (the whole flow), cli.
+`vlp.load_pretrained` reads the vlp layout back. Modules: hf, openclip, vlp_format (the layouts),
+transformer_ir (tower weight mapping), tokenizer_files, model_card, verify, hub, exporter (the whole
+flow), cli. The checkpoint it reads is `vlp.checkpoint`'s, the model comes from `vlp.load`.
 """
 
 

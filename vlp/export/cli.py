@@ -41,7 +41,7 @@ EPILOG = """examples:
 
 def run(args: argparse.Namespace) -> int:
     from vlp.config import ConfigError
-    from vlp.export.checkpoint import CheckpointNotFound
+    from vlp.checkpoint import CheckpointNotFound
     from vlp.export.exporter import ExportError, export
     from vlp.export.hub import HubError
     from vlp.export.verify import VerificationError

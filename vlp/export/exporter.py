@@ -10,7 +10,19 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from vlp.checkpoint import checkpoint_config, find_checkpoint
+from vlp.config import ConfigError
+from vlp.data.tokenizers import build_tokenizer
+from vlp.data.transforms import resolve_image_cfg
+from vlp.export.hf import hf_model, write_hf
+from vlp.export.hub import describe, files_to_upload, human_size, preflight, push
+from vlp.export.model_card import model_card
+from vlp.export.openclip import open_clip_layout, write_open_clip
+from vlp.export.tokenizer_files import hf_tokenizer
 from vlp.export.transformer_ir import Unsupported
+from vlp.export.verify import verify_export
+from vlp.export.vlp_format import write_vlp
+from vlp.load import load_trained_model
 
 FORMATS = ("hf", "open_clip", "vlp")
 
@@ -41,25 +53,15 @@ def _write_format(fmt: str, model, cfg, image_cfg, tmp: str, out: str, dtype: st
                   hub_repo: Optional[str]) -> Dict[str, Any]:
     max_shard = cfg.export.max_shard_size
     if fmt == "hf":
-        from vlp.export.hf import write_hf
-
         return write_hf(model, cfg, image_cfg, tmp, dtype, max_shard)
     if fmt == "open_clip":
-        from vlp.export.openclip import write_open_clip
-
         return write_open_clip(model, cfg, image_cfg, tmp, out, dtype, hub_repo)
-    from vlp.export.vlp_format import write_vlp
 
     return write_vlp(model, cfg, image_cfg, tmp, dtype, max_shard, provenance)
 
 
 def supported_formats(model, cfg) -> List[str]:
     """The formats this model can be exported to (each layout tried in memory or a scratch directory)."""
-    from vlp.export.build import effective_image_cfg
-    from vlp.export.hf import hf_model
-    from vlp.export.openclip import open_clip_layout
-    from vlp.export.tokenizer_files import hf_tokenizer
-
     ok = []
     quiet = logging.getLogger("vlp.export.openclip")
     level = quiet.level
@@ -73,7 +75,7 @@ def supported_formats(model, cfg) -> List[str]:
             pass
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                open_clip_layout(model, cfg, effective_image_cfg(model, cfg.data), tmp, tmp)
+                open_clip_layout(model, cfg, resolve_image_cfg(model.image_cfg, cfg.data), tmp, tmp)
                 ok.append("open_clip")
             except (Unsupported, RuntimeError, ValueError):
                 pass
@@ -118,18 +120,9 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
            revision: Optional[str] = None, commit_message: Optional[str] = None, dry_run: bool = False,
            endpoint: Optional[str] = None, log: Callable[[str], None] = print) -> ExportResult:
     """Export the checkpoint of `checkpoint` (run dir, checkpoints/ dir or step dir) to `out`."""
-    from vlp.config import ConfigError
-    from vlp.data.tokenizers import build_tokenizer
-    from vlp.export.build import effective_image_cfg
-    from vlp.export.checkpoint import checkpoint_config, find_checkpoint, load_trained_model
-    from vlp.export.model_card import model_card
-    from vlp.export.verify import verify_export
-
     out = os.path.abspath(out)
     _check_out(out, overwrite)
     if push_to_hub and not dry_run:
-        from vlp.export.hub import preflight
-
         preflight(push_to_hub)
     ckpt = find_checkpoint(checkpoint, step)
     cfg = checkpoint_config(ckpt)
@@ -142,7 +135,7 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
     log(f"vlp export: {ckpt.path} (step {ckpt.step}, ZeRO stage {cfg.train.zero_stage}, "
         f"{ckpt.state.get('world_size', '?')} ranks) -> {fmt} ({dtype}) at {out}")
     model = load_trained_model(ckpt, cfg)
-    image_cfg = effective_image_cfg(model, cfg.data)
+    image_cfg = resolve_image_cfg(model.image_cfg, cfg.data)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -165,7 +158,6 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from vlp.export.hub import describe, files_to_upload, human_size, push
 
     files = [p for p, _ in files_to_upload(out)]
     result = ExportResult(out, fmt, ckpt.step, files, verified, info)

@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 
 from vlp.export.sides import check_dual_encoder, hf_module, text_ir, vision_ir
-from vlp.export.transformer_ir import (Unsupported, compose, text_to_hf_clip, vit_to_dinov2, vit_to_hf_clip)
+from vlp.export.tokenizer_files import hf_tokenizer
+from vlp.export.transformer_ir import Unsupported, compose, text_to_hf_clip, vit_to_dinov2, vit_to_hf_clip
+from vlp.export.weights import DTYPES
 
 Tensor = torch.Tensor
 
@@ -148,9 +150,6 @@ def image_processor(image_cfg: Dict[str, Any]):
 def write_hf(model: nn.Module, cfg: Any, image_cfg: Dict[str, Any], out_dir: str, dtype: str,
              max_shard_size: str) -> Dict[str, Any]:
     """config.json + model.safetensors (sharded above max_shard_size) + preprocessor + tokenizer files."""
-    from vlp.export.tokenizer_files import hf_tokenizer
-    from vlp.export.weights import DTYPES
-
     tok = hf_tokenizer(cfg.data.tokenizer)
     eot = tok.eos_token_id if cfg.data.tokenizer.kind == "open_clip" else None
     out = hf_model(model, cfg, eot)

@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 
 from vlp.export.sides import check_dual_encoder, hf_module, open_clip_text_module, vision_ir
+from vlp.export.tokenizer_files import write_open_clip_tokenizer
 from vlp.export.transformer_ir import Unsupported, compose, vit_to_open_clip
+from vlp.export.weights import ONE_FILE, cast, save_state_dict
 from vlp.models.towers.base import kwargs_of
 
 log = logging.getLogger(__name__)
@@ -256,9 +258,6 @@ def instantiate(config: Dict[str, Any], weights: Dict[str, Tensor]) -> nn.Module
 def write_open_clip(model: nn.Module, cfg: Any, image_cfg: Dict[str, Any], out_dir: str, final_dir: str,
                     dtype: str, hub_repo: Optional[str] = None) -> Dict[str, Any]:
     import json
-
-    from vlp.export.tokenizer_files import write_open_clip_tokenizer
-    from vlp.export.weights import ONE_FILE, cast, save_state_dict
 
     config, weights = open_clip_layout(model, cfg, image_cfg, out_dir, final_dir)
     config["model_cfg"]["text_cfg"].update(write_open_clip_tokenizer(cfg.data.tokenizer, out_dir, hub_repo))

@@ -4,7 +4,7 @@ timm's ViT, open_clip's VisionTransformer/TextTransformer, transformers' CLIP to
 are the same computation (pre-norm blocks: LN -> MHA -> residual, LN -> MLP -> residual) with
 different parameter names and a few structural options. Readers check every option the target
 cannot express and raise `Unsupported` naming it; writers produce (config kwargs, state dict).
-Export writes these layouts; `model.init_from` (vlp.models.init_from) reads them back into timm ViTs.
+Export writes these layouts; `model.init_from` (vlp.train.init_from) reads them back into timm ViTs.
 Exact rewrites used: LayerScale gammas are folded into the output projections (gamma*(Wx+b)),
 a patch-embedding bias is folded into the patch position embeddings where the target's patch conv
 has none, and linear heads after pooling compose into one matrix.
@@ -277,9 +277,43 @@ def text_from_open_clip(t: nn.Module) -> TextTransformer:
                            pool=t.pool_type, eos_id=int(t.eos_id), pad_id=int(t.pad_id), proj=proj, proj_b=proj_b)
 
 
+# ------------------------------------------------------------------------------- per-block key maps
+# One table per layout, used by its reader and its writer: part -> key below the block's prefix.
+# Split attention: q, k, v, o (".weight"/".bias" appended); fused: qkv_w/qkv_b (whole keys), o.
+# ls1/ls2: LayerScale vectors (read: folded into o/fc2; written: ones).
+HF_CLIP_KEYS = dict(ln1="layer_norm1", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                    o="self_attn.out_proj", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2")
+DINOV2_KEYS = dict(ln1="norm1", q="attention.q_proj", k="attention.k_proj", v="attention.v_proj",
+                   o="attention.o_proj", ln2="norm2", fc1="mlp.fc1", fc2="mlp.fc2",
+                   ls1="layer_scale1.lambda1", ls2="layer_scale2.lambda1")
+HF_VIT_KEYS = dict(DINOV2_KEYS, ln1="layernorm_before", ln2="layernorm_after", ls1="", ls2="")
+OPEN_CLIP_KEYS = dict(ln1="ln_1", qkv_w="attn.in_proj_weight", qkv_b="attn.in_proj_bias", o="attn.out_proj",
+                      ln2="ln_2", fc1="mlp.c_fc", fc2="mlp.c_proj")
+TIMM_KEYS = dict(ln1="norm1", qkv_w="attn.qkv.weight", qkv_b="attn.qkv.bias", o="attn.proj", ln2="norm2",
+                 fc1="mlp.fc1", fc2="mlp.fc2")
+
+
+def block_state(b: Block, p: str, keys: Dict[str, str]) -> Dict[str, Tensor]:
+    """The state dict entries of block `b` under prefix `p` in the layout of `keys`."""
+    sd = {p + keys["ln1"] + ".weight": b.ln1[0], p + keys["ln1"] + ".bias": b.ln1[1],
+          p + keys["o"] + ".weight": b.out_w, p + keys["o"] + ".bias": b.out_b,
+          p + keys["ln2"] + ".weight": b.ln2[0], p + keys["ln2"] + ".bias": b.ln2[1],
+          p + keys["fc1"] + ".weight": b.fc1_w, p + keys["fc1"] + ".bias": b.fc1_b,
+          p + keys["fc2"] + ".weight": b.fc2_w, p + keys["fc2"] + ".bias": b.fc2_b}
+    if "qkv_w" in keys:
+        sd.update({p + keys["qkv_w"]: b.qkv_w, p + keys["qkv_b"]: b.qkv_b})
+    else:
+        for part, w, bias in zip("qkv", b.qkv_w.chunk(3, dim=0), b.qkv_b.chunk(3, dim=0)):
+            sd.update({p + keys[part] + ".weight": w, p + keys[part] + ".bias": bias})
+    for ls in ("ls1", "ls2"):
+        if keys.get(ls):
+            sd[p + keys[ls]] = torch.ones(b.out_w.shape[0], dtype=b.out_w.dtype)
+    return sd
+
+
 def _hf_block(sd: Dict[str, Tensor], p: str, names: Dict[str, str], gammas=("", "")) -> Block:
     """One pre-norm block of a transformers ViT from its state dict; `names` gives each part's key."""
-    g = lambda k: sd[p + names[k]] if names[k] else None  # noqa: E731
+    g = lambda k: sd[p + names[k]] if names.get(k) else None  # noqa: E731
     w = lambda k: sd[p + names[k] + ".weight"].clone()  # noqa: E731
     b = lambda k: (sd[p + names[k] + ".bias"].clone() if p + names[k] + ".bias" in sd  # noqa: E731
                    else torch.zeros(sd[p + names[k] + ".weight"].shape[0]))
@@ -302,26 +336,22 @@ def vit_from_hf(m: nn.Module) -> ViT:
           for k, v in m.state_dict().items()}
     if cfg.hidden_act not in ("gelu", "quick_gelu"):
         raise Unsupported(f"{what} activation {cfg.hidden_act!r} (want exact GELU or QuickGELU)")
-    common = dict(ln1="norm1", q="attention.q_proj", k="attention.k_proj", v="attention.v_proj",
-                  o="attention.o_proj", ln2="norm2", fc1="mlp.fc1", fc2="mlp.fc2", ls1="", ls2="")
     if isinstance(cfg, Dinov2Config):
         if cfg.use_swiglu_ffn:
             raise Unsupported(f"{what} uses a SwiGLU MLP")
-        names, stem = dict(common, ls1="layer_scale1.lambda1", ls2="layer_scale2.lambda1"), "encoder.layer."
+        names, stem = DINOV2_KEYS, "encoder.layer."
         cls, pos = sd["embeddings.cls_token"].reshape(-1), sd["embeddings.position_embeddings"][0]
         patch_w = sd["embeddings.patch_embeddings.projection.weight"]
         patch_b = sd.get("embeddings.patch_embeddings.projection.bias")
         pre, post = None, (sd["layernorm.weight"], sd["layernorm.bias"])
     elif isinstance(cfg, ViTConfig):
-        names, stem = dict(common, ln1="layernorm_before", ln2="layernorm_after"), "layers."
+        names, stem = HF_VIT_KEYS, "layers."
         cls, pos = sd["embeddings.cls_token"].reshape(-1), sd["embeddings.position_embeddings"][0]
         patch_w = sd["embeddings.patch_embeddings.projection.weight"]
         patch_b = sd.get("embeddings.patch_embeddings.projection.bias")
         pre, post = None, (sd["layernorm.weight"], sd["layernorm.bias"])
     elif isinstance(cfg, CLIPVisionConfig):
-        names = dict(ln1="layer_norm1", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                     o="self_attn.out_proj", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2", ls1="", ls2="")
-        stem = "encoder.layers."
+        names, stem = HF_CLIP_KEYS, "encoder.layers."
         cls, pos = sd["embeddings.class_embedding"], sd["embeddings.position_embedding.weight"]
         patch_w, patch_b = sd["embeddings.patch_embedding.weight"], None
         pre = (sd["pre_layrnorm.weight"], sd["pre_layrnorm.bias"])
@@ -340,27 +370,10 @@ def vit_from_hf(m: nn.Module) -> ViT:
 
 
 # ------------------------------------------------------------------------------------------- writers
-def _split_qkv(b: Block) -> Tuple[Tensor, ...]:
-    qw, kw, vw = b.qkv_w.chunk(3, dim=0)
-    qb, kb, vb = b.qkv_b.chunk(3, dim=0)
-    return qw, kw, vw, qb, kb, vb
-
-
 def _hf_clip_layers(enc: Encoder, prefix: str) -> Dict[str, Tensor]:
-    sd = {}
+    sd: Dict[str, Tensor] = {}
     for i, b in enumerate(enc.blocks):
-        p = f"{prefix}encoder.layers.{i}."
-        qw, kw, vw, qb, kb, vb = _split_qkv(b)
-        sd.update({
-            p + "layer_norm1.weight": b.ln1[0], p + "layer_norm1.bias": b.ln1[1],
-            p + "self_attn.q_proj.weight": qw, p + "self_attn.q_proj.bias": qb,
-            p + "self_attn.k_proj.weight": kw, p + "self_attn.k_proj.bias": kb,
-            p + "self_attn.v_proj.weight": vw, p + "self_attn.v_proj.bias": vb,
-            p + "self_attn.out_proj.weight": b.out_w, p + "self_attn.out_proj.bias": b.out_b,
-            p + "layer_norm2.weight": b.ln2[0], p + "layer_norm2.bias": b.ln2[1],
-            p + "mlp.fc1.weight": b.fc1_w, p + "mlp.fc1.bias": b.fc1_b,
-            p + "mlp.fc2.weight": b.fc2_w, p + "mlp.fc2.bias": b.fc2_b,
-        })
+        sd.update(block_state(b, f"{prefix}encoder.layers.{i}.", HF_CLIP_KEYS))
     return sd
 
 
@@ -413,19 +426,7 @@ def vit_to_dinov2(v: ViT, prefix: str = "") -> Tuple[Dict, Dict[str, Tensor]]:
         prefix + "layernorm.weight": v.post_ln[0], prefix + "layernorm.bias": v.post_ln[1],
     }
     for i, b in enumerate(v.enc.blocks):
-        p = f"{prefix}encoder.layer.{i}."
-        qw, kw, vw, qb, kb, vb = _split_qkv(b)
-        sd.update({
-            p + "norm1.weight": b.ln1[0], p + "norm1.bias": b.ln1[1],
-            p + "attention.q_proj.weight": qw, p + "attention.q_proj.bias": qb,
-            p + "attention.k_proj.weight": kw, p + "attention.k_proj.bias": kb,
-            p + "attention.v_proj.weight": vw, p + "attention.v_proj.bias": vb,
-            p + "attention.o_proj.weight": b.out_w, p + "attention.o_proj.bias": b.out_b,
-            p + "layer_scale1.lambda1": torch.ones(D), p + "layer_scale2.lambda1": torch.ones(D),
-            p + "norm2.weight": b.ln2[0], p + "norm2.bias": b.ln2[1],
-            p + "mlp.fc1.weight": b.fc1_w, p + "mlp.fc1.bias": b.fc1_b,
-            p + "mlp.fc2.weight": b.fc2_w, p + "mlp.fc2.bias": b.fc2_b,
-        })
+        sd.update(block_state(b, f"{prefix}encoder.layer.{i}.", DINOV2_KEYS))
     return cfg, sd
 
 
@@ -476,15 +477,7 @@ def vit_to_open_clip(v: ViT, prefix: str = "visual.") -> Tuple[Dict, Dict[str, T
     if v.pre_ln is not None:
         sd.update({prefix + "ln_pre.weight": v.pre_ln[0], prefix + "ln_pre.bias": v.pre_ln[1]})
     for i, b in enumerate(v.enc.blocks):
-        p = f"{prefix}transformer.resblocks.{i}."
-        sd.update({
-            p + "ln_1.weight": b.ln1[0], p + "ln_1.bias": b.ln1[1],
-            p + "attn.in_proj_weight": b.qkv_w, p + "attn.in_proj_bias": b.qkv_b,
-            p + "attn.out_proj.weight": b.out_w, p + "attn.out_proj.bias": b.out_b,
-            p + "ln_2.weight": b.ln2[0], p + "ln_2.bias": b.ln2[1],
-            p + "mlp.c_fc.weight": b.fc1_w, p + "mlp.c_fc.bias": b.fc1_b,
-            p + "mlp.c_proj.weight": b.fc2_w, p + "mlp.c_proj.bias": b.fc2_b,
-        })
+        sd.update(block_state(b, f"{prefix}transformer.resblocks.{i}.", OPEN_CLIP_KEYS))
     return cfg, sd
 
 
@@ -503,15 +496,7 @@ def vit_to_timm(v: ViT) -> Dict[str, Tensor]:
     if v.pre_ln is not None:
         sd.update({"norm_pre.weight": v.pre_ln[0], "norm_pre.bias": v.pre_ln[1]})
     for i, b in enumerate(v.enc.blocks):
-        p = f"blocks.{i}."
-        sd.update({
-            p + "norm1.weight": b.ln1[0], p + "norm1.bias": b.ln1[1],
-            p + "attn.qkv.weight": b.qkv_w, p + "attn.qkv.bias": b.qkv_b,
-            p + "attn.proj.weight": b.out_w, p + "attn.proj.bias": b.out_b,
-            p + "norm2.weight": b.ln2[0], p + "norm2.bias": b.ln2[1],
-            p + "mlp.fc1.weight": b.fc1_w, p + "mlp.fc1.bias": b.fc1_b,
-            p + "mlp.fc2.weight": b.fc2_w, p + "mlp.fc2.bias": b.fc2_b,
-        })
+        sd.update(block_state(b, f"blocks.{i}.", TIMM_KEYS))
     return sd
 
 

@@ -6,13 +6,12 @@ training tokenizer's ids (on real tokens) and the L2-normalised embeddings must 
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Dict, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from vlp.export.tokenizer_files import SAMPLE_CAPTIONS, check_same_ids
+from vlp.load import load_model
 
 
 class VerificationError(RuntimeError):
@@ -32,53 +31,19 @@ def _compare(what: str, ours: torch.Tensor, theirs: torch.Tensor, tol: float) ->
     return diff
 
 
-def _loader(fmt: str, path: str) -> Tuple[Callable, Callable, Callable]:
-    """(encode_image(images), encode_text(texts) -> emb, tokenize(texts) -> (ids, mask)) of the export."""
-    if fmt == "vlp":
-        from vlp.pretrained import load_pretrained
-
-        m = load_pretrained(path)
-        tok = m.tokenizer
-        return m.encode_image, (lambda texts: m.encode_text(*tok(texts))), tok
-    if fmt == "open_clip":
-        import open_clip
-
-        name = "local-dir:" + os.path.abspath(path)
-        m, _, _ = open_clip.create_model_and_transforms(name, device="cpu")
-        m.eval()
-        tok = open_clip.get_tokenizer(name)
-        pad = int(getattr(getattr(tok, "tokenizer", None), "pad_token_id", None) or 0)
-
-        def tokenize(texts):
-            ids = tok(list(texts))
-            return ids, (ids != pad).long()
-
-        return (lambda x: m.encode_image(x, normalize=True),
-                lambda texts: m.encode_text(tok(list(texts)), normalize=True), tokenize)
-    if fmt == "hf":
-        from transformers import AutoModel, AutoTokenizer
-
-        m = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(path)
-
-        def tokenize(texts):
-            enc = tok(list(texts), padding="max_length", truncation=True, max_length=tok.model_max_length,
-                      return_tensors="pt")
-            return enc["input_ids"], enc["attention_mask"]
-
-        def feats(out):
-            return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-        return (lambda x: F.normalize(feats(m.get_image_features(pixel_values=x)), dim=-1),
-                lambda texts: F.normalize(feats(m.get_text_features(*tokenize(texts))), dim=-1), tokenize)
-    raise ValueError(fmt)
+def _loader(path: str) -> Tuple[Callable, Callable, Callable]:
+    """(encode_image(images), encode_text(texts) -> emb, tokenize(texts) -> (ids, mask)) of the export, read
+    back by the loader `vlp eval` and `vlp.load_pretrained` use (`vlp.load.load_model`)."""
+    loaded = load_model(path)
+    m, tok = loaded.model, loaded.tokenizer
+    return m.encode_image, (lambda texts: m.encode_text(*tok(texts))), tok
 
 
 def verify_export(fmt: str, path: str, model: torch.nn.Module, tokenizer: Any, image_cfg: Dict[str, Any],
                   dtype: str = "fp32") -> Dict[str, float]:
     """Max abs differences of image and text embeddings; raises VerificationError beyond tolerance."""
     tol = 1e-4 if dtype == "fp32" else 5e-2
-    enc_image, enc_text, tokenize = _loader(fmt, path)
+    enc_image, enc_text, tokenize = _loader(path)
     images = _inputs(int(image_cfg["size"]))
     ours_ids = tokenizer(SAMPLE_CAPTIONS)
     theirs_ids = tokenize(SAMPLE_CAPTIONS)

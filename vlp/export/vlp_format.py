@@ -15,6 +15,10 @@ from typing import Any, Dict
 
 import torch.nn as nn
 from omegaconf import OmegaConf
+from vlp.config import to_yaml
+from vlp.export.tokenizer_files import copy_for_vlp
+from vlp.export.weights import cast, save_state_dict
+from vlp.models.registry import without_pretrained
 
 CONFIG_FILE, META_FILE, TOWERS_DIR = "vlp_config.yaml", "vlp_export.json", "towers"
 LOCAL_DIR = "local-dir:"
@@ -25,8 +29,6 @@ def _portable_towers(cfg: Any, out_dir: str) -> None:
     transformers tower's source config (as read, before `kwargs`, which stay in the config) and its
     image processor config; an open_clip `local-dir:` config."""
     from transformers import AutoConfig
-
-    from vlp.export.build import without_pretrained
 
     cfg.model = without_pretrained(cfg.model)
     for side in ("vision", "text"):
@@ -47,10 +49,6 @@ def _portable_towers(cfg: Any, out_dir: str) -> None:
 
 def write_vlp(model: nn.Module, cfg: Any, image_cfg: Dict[str, Any], out_dir: str, dtype: str,
               max_shard_size: str, provenance: Dict[str, Any]) -> Dict[str, Any]:
-    from vlp.config import to_yaml
-    from vlp.export.tokenizer_files import copy_for_vlp
-    from vlp.export.weights import cast, save_state_dict
-
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # a writable copy
     _portable_towers(cfg, out_dir)
     tok_name = copy_for_vlp(cfg.data.tokenizer, out_dir)

@@ -8,7 +8,8 @@ image-text contrastive (ITC) against a 65,536-long queue of momentum features, i
 (ITM) on contrastive hard negatives, and masked language modelling (MLM) conditioned on the image.
 Momentum distillation (§3.3): EMA copies (m = 0.995) of both encoders, the fusion encoder and the
 projections/MLM head give soft targets for ITC and MLM with weight alpha (0.4, ramped up over the
-first epoch). Facts of the reference code we follow or change are in ALGORITHM_NOTES.md (ALBEF).
+first epoch). Where we follow or change the reference code (salesforce/ALBEF `models/model_pretrain.py`),
+the choices below say so.
 
 Choices made here, all rank-count invariant (1 rank x 2B gives the losses of 2 ranks x B):
 - ITC columns are the momentum features of the *global* batch (gathered) plus the queue; the queue
@@ -64,7 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch

@@ -18,7 +18,7 @@ BUS (`model.bus`) is ALBEF's only: a dual encoder's image embedding may not depe
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -120,10 +120,12 @@ class DualEncoder(nn.Module):
         out.update(loss=loss, contrastive_loss=loss.detach(), logit_scale=float(scale.item()))
         return out
 
-    def forward(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def forward(self, batch: Dict[str, Any], loss_fn: Optional[Callable[..., Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """Encode the batch, then `loss_fn(image_emb, text_emb)` (default: `compute_loss`); GradCache
+        (vlp.train.grad_cache) passes its own, through the engine so that ZeRO's hooks run."""
         image_emb = self.encode_image(batch["image"])
         text_emb = self.encode_text(batch["text_ids"], batch["text_mask"])
-        return self.compute_loss(image_emb, text_emb)
+        return (loss_fn or self.compute_loss)(image_emb, text_emb)
 
 
 def _check(cfg: DictConfig) -> None:

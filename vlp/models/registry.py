@@ -1,38 +1,18 @@
-"""Model families by `model.type`; `build_model(cfg.model)` is the one entry point.
-
-A family module registers its builder with `@register_model("name")`; the module is imported on
-first use through `_MODULES`, so `import vlp.models` stays light and a new family (ALBEF) adds one
-line here.
-"""
+"""`build_model(cfg.model)`: the one entry point that builds a model from its config, for the family
+`model.type` names in `vlp.families` (the only list of families)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
-import importlib
-from typing import Any, Callable, Dict
+from typing import Any
 
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from vlp.config import ConfigError, ModelConfig
-from vlp.models.init_from import init_from
+from vlp.families import builder, families, register_model
 
-_FAMILIES: Dict[str, Callable[[DictConfig], nn.Module]] = {}
-_MODULES = {
-    "clip": "vlp.models.dual_encoder",
-    "align": "vlp.models.dual_encoder",
-    "siglip": "vlp.models.dual_encoder",
-    "albef": "vlp.models.albef",
-}
-
-
-def register_model(name: str) -> Callable:
-    """Decorator: `fn(model_cfg) -> nn.Module` builds family `name`."""
-
-    def wrap(fn: Callable[[DictConfig], nn.Module]) -> Callable[[DictConfig], nn.Module]:
-        _FAMILIES[name] = fn
-        return fn
-
-    return wrap
+__all__ = ["build_model", "register_model", "without_pretrained", "as_model_config"]
 
 
 def as_model_config(model_cfg: Any) -> DictConfig:
@@ -49,21 +29,49 @@ def as_model_config(model_cfg: Any) -> DictConfig:
     raise ConfigError(f"model config must be cfg.model, a ModelConfig or a dict, got {type(model_cfg).__name__}")
 
 
-def build_model(model_cfg: Any) -> nn.Module:
-    """The model for `model_cfg.type`, built on CPU in fp32 (the trainer moves and casts it); with
-    `model_cfg.init_from`, its towers and projections start from that model (`vlp.models.init_from`),
-    and what was loaded is kept as `model.init_report`."""
-    cfg = as_model_config(model_cfg)
-    if cfg.type not in _FAMILIES and cfg.type in _MODULES:
-        try:
-            importlib.import_module(_MODULES[cfg.type])
-        except ModuleNotFoundError as e:
-            if e.name != _MODULES[cfg.type]:
-                raise
-    if cfg.type not in _FAMILIES:
-        raise ConfigError(f"bad value for 'model.type': {cfg.type!r} is not available; "
-                          f"valid: {', '.join(sorted(_FAMILIES) or sorted(_MODULES))}")
-    model = _FAMILIES[cfg.type](cfg)
+def _is_open_clip_tag(name: str, tag: str) -> bool:
+    try:
+        import open_clip
+
+        return bool(open_clip.get_pretrained_cfg(name, tag))
+    except Exception:  # unknown name: not a tag
+        return False
+
+
+def without_pretrained(model_cfg: Any) -> DictConfig:
+    """A copy of `model_cfg` whose towers build the same architecture with random init and no
+    `init_from`: for models whose every weight then comes from a checkpoint or an export, where a
+    pretrained download would only cost time (or fail when a local weights file has since moved).
+    What the pretrained source also decides is kept: a transformers tower keeps its config source, an
+    open_clip tower keeps a pretrained *tag* (it sets the preprocessing mean/std)."""
+    cfg = copy.deepcopy(as_model_config(model_cfg))
     if cfg.get("init_from"):
-        model.init_report = init_from(model, cfg)
-    return model
+        cfg.init_from = ""
+    for side in ("vision", "text"):
+        t = cfg[side]
+        if not t.pretrained:
+            continue
+        if t.kind == "hf":
+            if not t.name:
+                t.name = t.pretrained  # the config source stays the same
+            t.pretrained = ""
+        elif t.kind == "open_clip":
+            if not (t.name and _is_open_clip_tag(t.name, t.pretrained)):
+                t.pretrained = ""
+        else:
+            t.pretrained = ""
+    return cfg
+
+
+def build_model(model_cfg: Any, pretrained: bool = True) -> nn.Module:
+    """The model for `model_cfg.type`, built on CPU in fp32 (the trainer moves and casts it).
+    `pretrained=False`: the same architecture without fetching the towers' pretrained weights
+    (`without_pretrained`). `model.init_from` is the trainer's to apply (`vlp.train.init_from`)."""
+    cfg = as_model_config(model_cfg)
+    if not pretrained:
+        cfg = without_pretrained(cfg)
+    try:
+        build = builder(cfg.type)
+    except KeyError:
+        raise ConfigError(f"bad value for 'model.type': {cfg.type!r}; valid: {', '.join(families())}") from None
+    return build(cfg)

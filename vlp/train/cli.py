@@ -45,7 +45,7 @@ def worker_main(config: str, overrides: List[str], make_loader: Optional[Callabl
 
     `make_loader`: see `vlp.train.loop.train` (default: the data pipeline)."""
     from vlp.config import ConfigError, load_config
-    from vlp.train.checkpoint import CheckpointError
+    from vlp.checkpoint import CheckpointError
 
     rank = os.environ.get("RANK", "0")
     try:

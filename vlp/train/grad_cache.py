@@ -9,14 +9,15 @@ with its own live, which also yields the gradient of the loss's parameters (logi
 The result equals one step on the concatenated batch (mb x accum x world negatives) up to float
 summation order.
 
-Under DeepSpeed every pass goes through `engine(batch)`, so ZeRO-3 gathers parameters and the
-engine's backward bookkeeping runs as usual; the model's `compute_loss(image_emb, text_emb)` is
-swapped per pass (capture / surrogate) on the instance. Step (2) differentiates w.r.t. the
+Under DeepSpeed every pass goes through `engine(batch, loss_fn=...)`, so ZeRO-3 gathers parameters and
+the engine's backward bookkeeping runs as usual: the dual encoder's forward encodes, then calls the
+loss it is given (capture in (1), surrogate in (3)) in place of its `compute_loss`. Step (2) differentiates w.r.t. the
 embeddings only, so no parameter gradient hook (ZeRO's reduction) fires outside the engine.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+import inspect
+from typing import Any, Dict, List
 
 import torch
 
@@ -24,9 +25,11 @@ from vlp.config import ConfigError
 
 
 def check_model(model: torch.nn.Module) -> None:
-    if not callable(getattr(model, "compute_loss", None)):
+    if not (callable(getattr(model, "compute_loss", None))
+            and "loss_fn" in inspect.signature(model.forward).parameters):
         raise ConfigError(f"train.grad_cache=true needs a dual-encoder model whose forward ends in "
-                          f"compute_loss(image_emb, text_emb) (model.type clip, align or siglip); "
+                          f"compute_loss(image_emb, text_emb) and takes forward(batch, loss_fn) (model.type clip, align or "
+                          f"siglip); "
                           f"{type(model).__name__} has none: set train.grad_cache=false")
 
 
@@ -42,15 +45,6 @@ def _set_rng(state: Any, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     for d, s in zip(_rng_devices(device), state[1]):
         torch.cuda.set_rng_state(s, d)
-
-
-def _forward_with(engine, batch: Dict[str, Any], loss_fn: Callable) -> Dict[str, Any]:
-    module = engine.module
-    module.compute_loss = loss_fn  # instance attribute shadows the method for this pass
-    try:
-        return engine(batch)
-    finally:
-        del module.compute_loss
 
 
 def grad_cache_step(engine, chunks: List[Dict[str, Any]], device: torch.device) -> Dict[str, Any]:
@@ -69,7 +63,7 @@ def grad_cache_step(engine, chunks: List[Dict[str, Any]], device: torch.device) 
     with torch.no_grad():
         for chunk in chunks:
             rng.append(_get_rng(device))
-            _forward_with(engine, chunk, capture)
+            engine(chunk, loss_fn=capture)
     sizes = [img.shape[0] for img, _ in cached]
     all_img = torch.cat([img for img, _ in cached]).requires_grad_()
     all_txt = torch.cat([txt for _, txt in cached]).requires_grad_()
@@ -93,7 +87,7 @@ def grad_cache_step(engine, chunks: List[Dict[str, Any]], device: torch.device) 
 
     for j, chunk in enumerate(chunks):
         _set_rng(rng[j], device)
-        res = _forward_with(engine, chunk, surrogate(j))
+        res = engine(chunk, loss_fn=surrogate(j))
         engine.backward(res["loss"], scale_wrt_gas=False)  # already the whole batch's gradient
         engine.step()
     return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}

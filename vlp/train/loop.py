@@ -28,14 +28,22 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
+from vlp import checkpoint as ckpt
 from vlp.config import ConfigError, to_dict, to_yaml
-from vlp.train import checkpoint as ckpt
+from vlp.data import build_train_loader
+from vlp.data.shards import expand_shards
+from vlp.data.tokenizers import build_tokenizer
+from vlp.eval.evaluate import run_retrieval_eval
 from vlp.dist import DistInfo, StopRequest, all_reduce_sum, gather_objects, setup_distributed
+from vlp.models import build_model, check_tokenizer, flops_per_sample, param_groups
 from vlp.train.ds_config import deepspeed_config, resolve_precision
-from vlp.train.engine import clamp_parameters
+from vlp.train.engine import build_engine, clamp_parameters
 from vlp.train.grad_cache import check_model, grad_cache_step
+from vlp.train.init_from import init_from
+from vlp.train.init_sources import bad_path
 from vlp.train.metrics import MetricsWriter, check_wandb, peak_flops
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,34 +64,17 @@ class TrainResult:
 
 def check_before_work(cfg: DictConfig) -> None:
     """Everything that can be checked without starting processes or building the model."""
-    t = cfg.train
-    if cfg.eval.every and not cfg.data.eval_shards:
-        raise ConfigError("eval.every > 0 needs data.eval_shards (the held-out shards for retrieval)")
-    for key in ("keep_last", "dist_timeout_s", "peak_flops", "min_lr"):
-        if t[key] < 0:
-            raise ConfigError(f"bad value for 'train.{key}': must be >= 0, got {t[key]}")
-    if t.dist_timeout_s == 0:
-        raise ConfigError("bad value for 'train.dist_timeout_s': must be > 0 seconds")
-    if t.min_lr > t.lr:
-        raise ConfigError(f"bad value for 'train.min_lr': {t.min_lr} is above train.lr={t.lr}")
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        raise ConfigError(f"bad value for 'train.betas': {list(t.betas)}; want two values in [0, 1)")
-    if t.warmup_steps > t.steps:
-        raise ConfigError(f"bad value for 'train.warmup_steps': {t.warmup_steps} exceeds train.steps={t.steps}")
+    t = cfg.train  # value ranges are checked with the schema (vlp.config); these need the machine or files
     check_wandb(t.wandb)
     resolve_precision(t.precision)
     deepspeed_config(cfg, 1)  # rejects train.deepspeed keys that contradict ours
     init = cfg.model.init_from
     if init and not os.path.isdir(init) and ckpt.find_resume(cfg.output_dir, t.resume) is None:
-        from vlp.models.init_sources import bad_path
-
         raise bad_path(init, "is not a directory")  # a resumed run does not read it
     _check_shards(cfg)
 
 
 def _check_shards(cfg: DictConfig) -> None:
-    from vlp.data.shards import expand_shards
-
     specs = [("data.train_shards", cfg.data.train_shards)] if cfg.data.train_shards else []
     specs += [(f"data.sources[{i}].shards", s.shards) for i, s in enumerate(cfg.data.sources)]
     if not specs:
@@ -169,8 +160,6 @@ def _loader_stats(loader, device: torch.device) -> Dict[str, float]:
 
 
 def _warn_config_changes(checkpoint: str, cfg: DictConfig) -> None:
-    from omegaconf import OmegaConf
-
     path = os.path.join(checkpoint, "config.yaml")
     if not os.path.isfile(path):
         return
@@ -193,10 +182,6 @@ def _flat(d: Any, prefix: str = "", sep: str = ".") -> Dict[str, Any]:
 
 def default_loader(cfg: DictConfig, model: torch.nn.Module, rank: int, world_size: int):
     """The data pipeline's loader for this rank, with the tokenizer checked against the text tower."""
-    from vlp.data import build_train_loader
-    from vlp.data.tokenizers import build_tokenizer
-    from vlp.models import check_tokenizer
-
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     check_tokenizer(model, tokenizer)
     return build_train_loader(cfg, model.image_cfg, tokenizer, rank, world_size)
@@ -220,23 +205,20 @@ def train(cfg: DictConfig, make_loader: Optional[Callable] = None) -> TrainResul
         os.makedirs(out_dir, exist_ok=True)
         ckpt.write_atomic(os.path.join(out_dir, "config.yaml"), config_yaml.encode())
 
-    from vlp.models import build_model, flops_per_sample, param_groups
-    from vlp.models.init_from import without_init_from
-
     resume_from = ckpt.find_resume(out_dir, t.resume)
     _seed_all(int(t.seed))  # same seed on every rank: identical initial weights
+    model = build_model(cfg.model)
     # a resumed run restores every weight from its checkpoint: model.init_from (maybe gone by now) is skipped
-    model = build_model(cfg.model if resume_from is None else without_init_from(cfg.model))
-    if rank == 0:
-        for line in getattr(model, "init_report", {}).get("lines", []):
-            print(f"vlp train: init_from {cfg.model.init_from}: {line}", file=sys.stderr, flush=True)
+    if resume_from is None and cfg.model.init_from:
+        model.init_report = init_from(model, cfg.model)
+        if rank == 0:
+            for line in model.init_report["lines"]:
+                print(f"vlp train: init_from {cfg.model.init_from}: {line}", file=sys.stderr, flush=True)
     if t.grad_cache:
         check_model(model)
     image_size = int(cfg.data.image_size or model.image_cfg["size"])
     ds_cfg = deepspeed_config(cfg, world, n_params=sum(p.numel() for p in model.parameters()))
     groups = param_groups(model, float(t.weight_decay))
-    from vlp.train.engine import build_engine
-
     # counted on the whole model, before ZeRO-3 partitions its weights
     flops_sample = float(flops_per_sample(model, image_size, int(cfg.data.tokenizer.context_length)))
     engine, optimizer, scheduler = build_engine(model, groups, cfg, ds_cfg, info.device)
@@ -254,18 +236,14 @@ def train(cfg: DictConfig, make_loader: Optional[Callable] = None) -> TrainResul
             _warn_config_changes(resume_from, cfg)
     else:
         _seed_all(int(t.seed) + rank)  # per-rank streams for dropout and the like
-    # the schedule follows the current config, whatever the checkpoint's base lr was
-    scheduler.base_lrs = [float(t.lr)] * len(scheduler.base_lrs)
-    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["lr"] = float(t.lr) * fn(scheduler.last_epoch)
 
     wandb_cfg = {"project": t.wandb_project, "config": to_dict(cfg)} if t.wandb else None
     writer = MetricsWriter(out_dir, rank, step, t.tensorboard, wandb_cfg)
     result = TrainResult(step=step, samples_seen=samples_seen)
     try:
         with StopRequest() as stop:
-            result = _run(cfg, engine, optimizer, loader, writer, info, stop, step, samples_seen, float_dtype,
-                          flops_sample, peak, config_yaml)
+            result = _run(TrainState(cfg, engine, optimizer, loader, writer, info, stop, step, samples_seen,
+                                     float_dtype, flops_sample, peak, config_yaml))
     finally:
         writer.close()
     return result
@@ -273,17 +251,33 @@ def train(cfg: DictConfig, make_loader: Optional[Callable] = None) -> TrainResul
 
 def _evaluate(model, cfg: DictConfig, info: DistInfo) -> Dict[str, float]:
     """Retrieval on data.eval_shards with the live model (collective), off the training RNG stream."""
-    from vlp.eval.evaluate import run_retrieval_eval
-
     with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
         res = run_retrieval_eval(model, cfg, info.rank, info.world_size)
     return {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _run(cfg, engine, optimizer, loader, writer, info: DistInfo, stop: StopRequest, step: int, samples_seen: int,
-         float_dtype, flops_sample: float, peak: float, config_yaml: str) -> TrainResult:
-    from tqdm import tqdm
+@dataclass
+class TrainState:
+    """What the step loop works with: the run's config and machinery, and where it stands."""
+    cfg: DictConfig
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: Any
+    loader: Any  # iterable of micro-batches with state_dict()/load_state_dict()[/stats()]
+    writer: MetricsWriter
+    info: DistInfo
+    stop: StopRequest
+    step: int  # optimizer steps done
+    samples_seen: int
+    float_dtype: torch.dtype
+    flops_sample: float  # training FLOPs per sample (vlp.models.flops_per_sample)
+    peak: float  # peak FLOP/s of the hardware, for MFU
+    config_yaml: str  # stored with every checkpoint
 
+
+def _run(state: TrainState) -> TrainResult:
+    cfg, engine, optimizer, loader, writer = state.cfg, state.engine, state.optimizer, state.loader, state.writer
+    info, stop, step, samples_seen = state.info, state.stop, state.step, state.samples_seen
+    float_dtype, flops_sample, peak, config_yaml = state.float_dtype, state.flops_sample, state.peak, state.config_yaml
     t = cfg.train
     rank, world = info.rank, info.world_size
     ga, mb = int(t.grad_accum), int(t.micro_batch_size)

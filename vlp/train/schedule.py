@@ -1,7 +1,7 @@
 """Learning-rate schedule: linear warm-up to `train.lr`, then cosine decay to `train.min_lr`.
 
 DeepSpeed steps it (it is passed as the client `lr_scheduler`) once per optimizer step, and saves
-and restores it with each checkpoint.
+and restores it with each checkpoint (`WarmupCosine.state_dict`: the step count only).
 """
 from __future__ import annotations
 
@@ -20,18 +20,33 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: i
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: DictConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over every param group; the groups' base lr must be `train.lr`.
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """`lr_at` for every param group. Its state is the optimizer-step count alone: a resumed run
+    restores the count through `load_state_dict` and follows the schedule of its *current* config
+    (a longer `train.steps`, another `train.lr`), whatever the checkpoint's config said."""
 
-    The factor is a plain function, so a checkpoint stores only the step count: a resumed run
-    follows the schedule of its current config (e.g. a longer `train.steps`).
-    """
-    lr, min_lr, warmup, total = float(train_cfg.lr), float(train_cfg.min_lr), int(train_cfg.warmup_steps), int(train_cfg.steps)
+    def __init__(self, optimizer: torch.optim.Optimizer, train_cfg: DictConfig):
+        self.lr, self.min_lr = float(train_cfg.lr), float(train_cfg.min_lr)
+        self.warmup, self.total = int(train_cfg.warmup_steps), int(train_cfg.steps)
+        super().__init__(optimizer)
 
-    def factor(step: int) -> float:
-        return lr_at(step, lr, min_lr, warmup, total) / lr if lr > 0 else 0.0
+    def get_lr(self):
+        value = lr_at(self.last_epoch, self.lr, self.min_lr, self.warmup, self.total)
+        return [value] * len(self.optimizer.param_groups)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def state_dict(self):
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-__all__ = ["lr_at", "build_scheduler"]
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: DictConfig) -> WarmupCosine:
+    """The warm-up + cosine schedule of `train_cfg`, stepped once per optimizer step."""
+    return WarmupCosine(optimizer, train_cfg)
+
+
+__all__ = ["lr_at", "build_scheduler", "WarmupCosine"]

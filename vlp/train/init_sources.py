@@ -1,8 +1,8 @@
 """Read the weights `model.init_from` names, whatever layout holds them, as tensors under vlp's names.
 
-Layouts (told apart by `vlp.eval.load.detect_format`, the same rule `vlp eval` uses):
+Layouts (told apart by `vlp.load.detect_format`, the same rule `vlp eval` uses):
 - a vlp training run, its `checkpoints/` folder or one `step_XXXXXXX/` checkpoint: DeepSpeed's
-  weights consolidated to fp32 by `vlp.export.checkpoint` (any ZeRO stage);
+  weights consolidated to fp32 by `vlp.checkpoint` (any ZeRO stage);
 - a vlp export (`vlp_config.yaml` + `model*.safetensors`);
 - an open_clip export (`open_clip_config.json` + `open_clip_model.safetensors`, as `vlp.export.openclip`
   writes it: timm trunks, open_clip ViTs, transformers or open_clip text towers);
@@ -23,7 +23,10 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from vlp.checkpoint import CheckpointNotFound, checkpoint_config, consolidated_state_dict, find_checkpoint
 from vlp.config import ConfigError
+from vlp.export.transformer_ir import vit_from_hf, vit_from_open_clip
+from vlp.load import detect_format, export_config
 
 Tensor = torch.Tensor
 
@@ -49,9 +52,6 @@ def bad_path(path: str, why: str) -> ConfigError:
 
 def read_source(path: str) -> SourceWeights:
     """The weights at `path` (a directory in one of LAYOUTS) under vlp's names."""
-    # upward, function-level (see vlp.models.init_from): the layout rule lives in vlp.eval.load
-    from vlp.eval.load import detect_format
-
     if not os.path.isdir(path):
         raise bad_path(path, "is not a directory")
     try:
@@ -81,8 +81,6 @@ def _vlp_names(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 
 def _read_checkpoint(path: str) -> SourceWeights:
-    from vlp.export.checkpoint import CheckpointNotFound, checkpoint_config, consolidated_state_dict, find_checkpoint
-
     try:
         ckpt = find_checkpoint(path)
     except CheckpointNotFound as e:
@@ -111,9 +109,7 @@ def _safetensors(path: str, stem: str) -> Dict[str, Tensor]:
 
 
 def _read_vlp_export(path: str) -> SourceWeights:
-    from vlp.pretrained import load_config
-
-    cfg = load_config(path).model
+    cfg = export_config(path).model
     return SourceWeights(path, "vlp-export", _vlp_names(_safetensors(path, "model")), cfg.vision.kind,
                          cfg.text.kind)
 
@@ -139,8 +135,6 @@ def _read_open_clip(path: str) -> SourceWeights:
 
         def ir():
             import open_clip.model as oc
-
-            from vlp.export.transformer_ir import vit_from_open_clip
 
             visual = oc._build_vision_tower(int(model_cfg["embed_dim"]), vcfg, bool(model_cfg.get("quick_gelu")))
             visual.load_state_dict(sub("visual.", ""), strict=True)
@@ -176,8 +170,6 @@ def _read_hf(path: str) -> SourceWeights:
             out.update({f"{ours}.{k}": v.detach() for k, v in head.state_dict().items()})
 
     def ir():
-        from vlp.export.transformer_ir import vit_from_hf
-
         return vit_from_hf(vision)
 
     return SourceWeights(path, "hf", out, "hf", "hf", ir)

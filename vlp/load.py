@@ -1,29 +1,41 @@
-"""Load any model we can evaluate from a directory, dispatching on the files it holds.
+"""Load a model from any directory vlp reads: one loader for `vlp eval`, export verification,
+`model.init_from` and `vlp.load_pretrained`.
 
-- a training run (`RUN/checkpoints/`), its `checkpoints/` folder, or one `step_XXXXXXX/` checkpoint:
-  the stored config rebuilds the model, and DeepSpeed's `zero_to_fp32` consolidates the weights of
-  any ZeRO stage into fp32 (`vlp.export.checkpoint`, shared with `vlp export`);
-- a vlp export (`vlp_config.yaml`): `vlp.load_pretrained`;
+`detect_format` tells the layouts apart by the files a directory holds:
+- a training run (`RUN/checkpoints/`), its `checkpoints/` folder, or one `step_XXXXXXX/` checkpoint
+  (`vlp-checkpoint`): the stored config rebuilds the model and DeepSpeed's `zero_to_fp32` consolidates
+  the weights of any ZeRO stage into fp32 (`vlp.checkpoint`);
+- a vlp export (`vlp_config.yaml`, `vlp-export`): the stored config and `model*.safetensors`; also a Hub
+  repo id, through `snapshot_download` (`load_pretrained`);
 - an open_clip export (`open_clip_config.json`): `open_clip.create_model_and_transforms("local-dir:DIR")`;
-- a transformers export (`config.json`): `AutoModel`, a dual encoder with `get_image_features` and
-  `get_text_features` (CLIPModel, SiglipModel, VisionTextDualEncoderModel, ...).
+- a transformers export (`config.json`, `hf`): `AutoModel`, a dual encoder with `get_image_features`
+  and `get_text_features` (CLIPModel, SiglipModel, VisionTextDualEncoderModel, ...).
 
-Every branch returns the same model-like interface (`encode_image`, `encode_text(ids, mask)` giving
-L2-normalised embeddings, `match_scores` when the model has an ITM head), a tokenizer returning
-(ids, mask), the `image_cfg`, and `preprocess` (PIL image -> tensor) exactly as the format defines it.
+`load_model` returns the same interface for each (`Loaded`): a model with `encode_image`,
+`encode_text(ids, mask)` giving L2-normalised embeddings (and `match_scores` when it has an ITM head),
+the tokenizer (`vlp.data.tokenizers`: `tok(list[str]) -> (ids, mask)`), the `image_cfg`, and
+`preprocess` (PIL image -> tensor) exactly as the format defines it. Everything loads on CPU in fp32.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
-from typing import Any, Callable, Dict, List, NamedTuple, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
-CHECKPOINTS, LATEST, STATE_FILE = "checkpoints", "latest", "vlp_state.json"
-VLP_EXPORT_FILES = ("vlp_config.yaml",)
+from vlp.checkpoint import CHECKPOINTS, LATEST, STATE_FILE, checkpoint_config, consolidated_state_dict, find_checkpoint
+from vlp.config import from_dict
+from vlp.data.tokenizers import HFTokenizer, OpenClipTokenizer, build_tokenizer
+from vlp.data.transforms import eval_transform, resolve_image_cfg
+from vlp.models import build_model
+
+VLP_CONFIG_FILE, VLP_META_FILE = "vlp_config.yaml", "vlp_export.json"
+_PATH_KEYS = ("model.vision.name", "model.text.name", "data.tokenizer.name")
 
 
 class Loaded(NamedTuple):
@@ -35,34 +47,88 @@ class Loaded(NamedTuple):
 
 
 # ------------------------------------------------------------------------------- vlp checkpoints
-def image_cfg_for(model_image_cfg: Dict[str, Any], data_cfg) -> Dict[str, Any]:
-    """The model's image_cfg with the run's `data.image_size/mean/std` overrides, by the same rule as
-    the data pipeline's eval loader (`vlp.data.transforms.resolve_image_cfg`)."""
-    from vlp.data.transforms import resolve_image_cfg
-
-    return resolve_image_cfg(model_image_cfg, data_cfg)
+def load_trained_model(ckpt, cfg) -> nn.Module:
+    """The run's model built from its config (no pretrained download), with the checkpoint's consolidated
+    weights, in eval mode on CPU."""
+    model = build_model(cfg.model, pretrained=False)
+    sd = consolidated_state_dict(ckpt.path)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt.path}: the weights do not fit the model built from its config "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.eval()
 
 
 def _load_run(path: str) -> Loaded:
-    """Checkpoint lookup and ZeRO consolidation are shared with `vlp export` (vlp.export.checkpoint)."""
-    from vlp.data.tokenizers import build_tokenizer
-    from vlp.eval.preprocess import eval_transform
-    from vlp.export.checkpoint import checkpoint_config, find_checkpoint, load_trained_model
-
     ckpt = find_checkpoint(path)
     cfg = checkpoint_config(ckpt)
     model = load_trained_model(ckpt, cfg)
-    image_cfg = image_cfg_for(model.image_cfg, cfg.data)
+    image_cfg = resolve_image_cfg(model.image_cfg, cfg.data)
     info = {"format": "vlp-checkpoint", "path": ckpt.path, "step": ckpt.step, "config": cfg}
     return Loaded(model, build_tokenizer(cfg.data.tokenizer), image_cfg, eval_transform(image_cfg), info)
 
 
 # ------------------------------------------------------------------------------------ vlp export
-def _load_vlp_export(path: str) -> Loaded:
-    import vlp
-    from vlp.eval.preprocess import eval_transform
+def resolve(name_or_path: str, revision: Optional[str] = None) -> str:
+    """A local export directory as is; otherwise a Hub repo id fetched with `snapshot_download`
+    (honours HF_HUB_OFFLINE and the cache)."""
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, VLP_CONFIG_FILE)):
+            raise FileNotFoundError(f"{name_or_path}: no {VLP_CONFIG_FILE}; not a `vlp export --format vlp` directory")
+        return name_or_path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path}: no such export directory (and not a Hub repo id ORG/NAME)")
+    from huggingface_hub import snapshot_download
 
-    model = vlp.load_pretrained(path)  # eval mode, with .tokenizer, .image_cfg and .vlp_config
+    return snapshot_download(name_or_path, revision=revision)
+
+
+def export_config(path: str):
+    """A vlp export's stored config with paths relative to the export made absolute."""
+    data = OmegaConf.load(os.path.join(path, VLP_CONFIG_FILE))
+    for key in _PATH_KEYS:
+        value = OmegaConf.select(data, key)
+        if not value:
+            continue
+        prefix = "local-dir:" if str(value).startswith("local-dir:") else ""
+        rel = str(value)[len(prefix):]
+        if not os.path.isabs(rel) and os.path.exists(os.path.join(path, rel)):
+            OmegaConf.update(data, key, prefix + os.path.abspath(os.path.join(path, rel)))
+    return from_dict(OmegaConf.to_container(data, resolve=True))
+
+
+def load_tokenizer(name_or_path: str, revision: Optional[str] = None):
+    """The caption tokenizer stored with a vlp export: `tok(list[str]) -> (ids, mask)`."""
+    return build_tokenizer(export_config(resolve(name_or_path, revision)).data.tokenizer)
+
+
+def load_pretrained(name_or_path: str, revision: Optional[str] = None) -> Any:
+    """A `vlp export --format vlp` directory or Hub repo: the model in eval mode on CPU, with `.tokenizer`,
+    `.image_cfg` and `.vlp_config`.
+
+        model = vlp.load_pretrained("runs/demo/export/vlp")        # or "org/name" on the Hub
+        ids, mask = model.tokenizer(["a photo of a cat"])
+        text_emb = model.encode_text(ids, mask)
+    """
+    from huggingface_hub import load_torch_model
+
+    path = resolve(name_or_path, revision)
+    cfg = export_config(path)
+    model = build_model(cfg.model, pretrained=False)
+    load_torch_model(model, path, strict=True, filename_pattern="model{suffix}.safetensors")
+    model.float().eval()
+    meta_path = os.path.join(path, VLP_META_FILE)
+    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+    image_cfg = meta.get("image_cfg") or resolve_image_cfg(model.image_cfg, cfg.data)
+    image_cfg = dict(image_cfg, mean=tuple(image_cfg["mean"]), std=tuple(image_cfg["std"]))
+    model.image_cfg = image_cfg
+    model.tokenizer = build_tokenizer(cfg.data.tokenizer)
+    model.vlp_config = cfg
+    return model
+
+
+def _load_vlp_export(path: str) -> Loaded:
+    model = load_pretrained(path)
     info = {"format": "vlp-export", "path": os.path.abspath(path), "config": model.vlp_config}
     return Loaded(model, model.tokenizer, dict(model.image_cfg), eval_transform(model.image_cfg), info)
 
@@ -82,21 +148,6 @@ class OpenClipForEval(nn.Module):
         return self.model.encode_text(ids, normalize=True)
 
 
-class OpenClipTokenizer:
-    """open_clip tokenizer -> (ids, mask); mask marks non-padding positions."""
-
-    def __init__(self, tok, name: str):
-        self.tok, self.name = tok, name
-        self.context_length = int(getattr(tok, "context_length", 77))
-        inner = getattr(tok, "tokenizer", None)  # HFTokenizer wraps a transformers tokenizer
-        self.pad_id = int(getattr(inner, "pad_token_id", None) or 0)
-        self.vocab_size = int(getattr(tok, "vocab_size", 0) or len(getattr(tok, "encoder", {})) or len(inner or []))
-
-    def __call__(self, texts: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids = self.tok(list(texts))
-        return ids, (ids != self.pad_id).long()
-
-
 def _load_open_clip(path: str) -> Loaded:
     import open_clip
 
@@ -108,7 +159,7 @@ def _load_open_clip(path: str) -> Loaded:
     image_cfg = {"size": int(size[-1] if isinstance(size, (list, tuple)) else size),
                  "mean": tuple(pp.get("mean", model.visual.image_mean)), "std": tuple(pp.get("std", model.visual.image_std)),
                  "interpolation": pp.get("interpolation", "bicubic"), "resize_mode": pp.get("resize_mode", "shortest")}
-    tokenizer = OpenClipTokenizer(open_clip.get_tokenizer(name), name)
+    tokenizer = OpenClipTokenizer(name, None)
     return Loaded(OpenClipForEval(model), tokenizer, image_cfg, preprocess,
                   {"format": "open_clip", "path": os.path.abspath(path)})
 
@@ -133,22 +184,6 @@ class HFDualEncoderForEval(nn.Module):
         return F.normalize(_features(self.model.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
 
 
-class HFTokenizer:
-    """transformers tokenizer -> (ids, mask), truncated to the text tower's positions."""
-
-    def __init__(self, tok, context_length: int, name: str):
-        self.tok, self.context_length, self.name = tok, context_length, name
-        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
-        self.vocab_size = len(tok)
-        self.pad_to_max = "siglip" in type(tok).__name__.lower()  # SigLIP was trained on max-length padding
-
-    def __call__(self, texts: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tok(list(texts), padding="max_length" if self.pad_to_max else True, truncation=True,
-                       max_length=self.context_length, return_tensors="pt")
-        mask = enc.get("attention_mask")
-        return enc["input_ids"], (mask if mask is not None else torch.ones_like(enc["input_ids"])).long()
-
-
 def _hf_image_cfg(proc) -> Dict[str, Any]:
     crop = getattr(proc, "crop_size", None) or getattr(proc, "size", None) or {}
     if not isinstance(crop, (int, float)):  # dict or transformers' SizeDict
@@ -170,7 +205,7 @@ def _load_hf(path: str) -> Loaded:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
-    model = AutoModel.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32)
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise ValueError(f"{path}: {type(model).__name__} (model_type {config.model_type!r}) is not an "
                          "image-text dual encoder (needs get_image_features/get_text_features)")
@@ -179,11 +214,12 @@ def _load_hf(path: str) -> Loaded:
     tok = AutoTokenizer.from_pretrained(path)
     text_cfg = getattr(config, "text_config", config)
     ctx = min(int(getattr(text_cfg, "max_position_embeddings", 512) or 512), int(tok.model_max_length or 512))
+    del tok
 
     def preprocess(img):
         return proc(images=img, return_tensors="pt")["pixel_values"][0]
 
-    return Loaded(HFDualEncoderForEval(model), HFTokenizer(tok, ctx, path), _hf_image_cfg(proc), preprocess,
+    return Loaded(HFDualEncoderForEval(model), HFTokenizer(path, ctx), _hf_image_cfg(proc), preprocess,
                   {"format": "hf", "path": os.path.abspath(path), "model_type": config.model_type})
 
 
@@ -195,8 +231,8 @@ def detect_format(path: str) -> str:
     has = lambda *names: any(os.path.isfile(os.path.join(path, n)) for n in names)  # noqa: E731
     if (has(STATE_FILE, LATEST) or os.path.isdir(os.path.join(path, CHECKPOINTS))
             or glob.glob(os.path.join(path, "step_*", STATE_FILE))):
-        return "vlp-checkpoint"  # vlp.export.checkpoint.find_checkpoint says what is missing, if anything
-    if has(*VLP_EXPORT_FILES):
+        return "vlp-checkpoint"  # vlp.checkpoint.find_checkpoint says what is missing, if anything
+    if has(VLP_CONFIG_FILE):
         return "vlp-export"
     if has("open_clip_config.json"):
         return "open_clip"
@@ -204,13 +240,17 @@ def detect_format(path: str) -> str:
         return "hf"
     raise FileNotFoundError(
         f"{path}: not a model directory; expected a training run (checkpoints/), a checkpoint "
-        f"({STATE_FILE}), a vlp export ({VLP_EXPORT_FILES[0]}), an open_clip export (open_clip_config.json) "
+        f"({STATE_FILE}), a vlp export ({VLP_CONFIG_FILE}), an open_clip export (open_clip_config.json) "
         "or a transformers export (config.json)")
 
 
 _LOADERS = {"vlp-checkpoint": _load_run, "vlp-export": _load_vlp_export, "open_clip": _load_open_clip, "hf": _load_hf}
 
 
-def load_for_eval(path: str) -> Loaded:
+def load_model(path: str) -> Loaded:
     """(model, tokenizer, image_cfg, preprocess, info) for a run, checkpoint or export directory; on CPU."""
     return _LOADERS[detect_format(path)](path)
+
+
+__all__ = ["Loaded", "load_model", "detect_format", "load_trained_model", "load_pretrained", "load_tokenizer",
+           "export_config", "resolve"]

@@ -2,7 +2,7 @@
 
 ALBEF (Li et al. 2021, "Align before Fuse", §3.1 and §4) starts from pretrained encoders: the ViT from
 DeiT, the text encoder from the first 6 layers of BERT-base and the fusion encoder from its last 6, whose
-cross-attention is new. This does the same from any source `vlp.models.init_sources` reads (a vlp run,
+cross-attention is new. This does the same from any source `vlp.train.init_sources` reads (a vlp run,
 checkpoint or export, an open_clip or a transformers export):
 - vision and text towers by name and shape; a transformers or open_clip ViT becomes a timm ViT through
   `vlp.export.transformer_ir` when the tower kinds differ;
@@ -11,42 +11,29 @@ checkpoint or export, an open_clip or a transformers export):
 - the linear projections into the joint space where shapes match (a source without bias: bias 0, so the
   projection computes the source's);
 - then ALBEF's momentum copies restart from the loaded weights (its MLM decoder is the word embeddings).
-Everything else stays as built. `build_model` calls `init_from` and keeps its report as `model.init_report`;
-a run that resumes, `vlp eval` and `vlp export` build without it (`without_init_from`): their weights come
+Everything else stays as built. The trainer calls `init_from` on a fresh run and keeps its report as
+`model.init_report`; a run that resumes, `vlp eval` and `vlp export` never apply it: their weights come
 from the checkpoint.
-
-Layering: the readers this needs live above vlp.models (layout detection in vlp.eval.load, checkpoint
-consolidation in vlp.export.checkpoint, the export config in vlp.pretrained, ViT weight mapping in
-vlp.export.transformer_ir); they are imported inside the functions that use them, an upward edge kept
-visible here until those readers move below vlp.models.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vlp.config import ConfigError
-from vlp.models.init_sources import SourceWeights, read_source
+from vlp.export.transformer_ir import Unsupported, vit_to_timm
+from vlp.train.init_sources import SourceWeights, read_source
 from vlp.models.momentum import copy_to_momentum
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 _LAYER = re.compile(r"^model\.encoder\.layer\.(\d+)\.(.*)$")
 _NESTED = re.compile(r"^model\.(vision_model|text_model)\.")  # transformers 4 nests CLIP towers one level deeper
-
-
-def without_init_from(model_cfg: Any) -> DictConfig:
-    """A copy of `model_cfg` with `init_from` cleared: for models whose weights come from a checkpoint."""
-    cfg = copy.deepcopy(model_cfg) if isinstance(model_cfg, DictConfig) else OmegaConf.create(model_cfg)
-    if cfg.get("init_from"):
-        cfg.init_from = ""
-    return cfg
 
 
 def _canon(key: str) -> str:
@@ -165,8 +152,6 @@ def _offer_vision(part: _Part, src: SourceWeights, kind: str) -> None:
         part.offered = _under(src.tensors, "vision.")
         return
     if kind == "timm" and src.vision_ir is not None:
-        from vlp.export.transformer_ir import Unsupported, vit_to_timm  # upward: see the module docstring
-
         try:
             ir = src.vision_ir()
         except Unsupported as e:
@@ -284,4 +269,4 @@ def init_from(model: nn.Module, cfg: DictConfig) -> Dict[str, Any]:
             "random": random, "unused": unused, "lines": lines}
 
 
-__all__ = ["init_from", "without_init_from"]
+__all__ = ["init_from"]

@@ -1,6 +1,7 @@
 """`vlp data bench`: stream the full training loader over shards and report samples/s.
 
-Timing starts when the first batch arrives, so worker start-up (reported separately as
+It lives with training because it measures the training loader as `vlp train` builds it: the
+image size, mean and std come from the model a config names. Timing starts when the first batch arrives, so worker start-up (reported separately as
 `startup_s`) does not count. Without `--config` the images are 224 px with CLIP's mean/std.
 """
 from __future__ import annotations
@@ -12,6 +13,9 @@ import time
 from tqdm import tqdm
 
 from vlp.config import load_config
+from vlp.data.pipeline import build_train_loader
+from vlp.data.tokenizers import build_tokenizer
+from vlp.models import build_model
 
 DEFAULT_SAMPLES = 2000
 
@@ -19,19 +23,11 @@ DEFAULT_SAMPLES = 2000
 def _image_cfg(cfg, from_config: bool):
     """The model's image_cfg when a config names a model (building it on CPU), else CLIP defaults."""
     if from_config:
-        try:
-            from vlp.models import build_model
-
-            return dict(build_model(cfg.model).image_cfg)
-        except ImportError:
-            pass
+        return dict(build_model(cfg.model).image_cfg)
     return None  # transforms.resolve_image_cfg: 224 px, CLIP mean/std
 
 
 def run_bench(args) -> int:
-    from vlp.data.pipeline import build_train_loader
-    from vlp.data.tokenizers import build_tokenizer
-
     cfg = load_config(args.config, list(args.overrides or []))
     cfg.data.train_shards = args.shards  # set directly: braces/colons are not override-safe
     cfg.data.sources = []
