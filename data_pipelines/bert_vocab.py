@@ -23,7 +23,9 @@ TOKEN_IDS = {"pad_token_id": 0, "cls_token_id": 2, "sep_token_id": 3, "mask_toke
 
 def write_bert_vocab(spec: str, out: str, min_count: int = 1, max_size: int = 0, caption_key: str = "txt",
                      max_captions: int = 0, overwrite: bool = False) -> Dict:
-    """Count the caption words of SHARDS and save a BertTokenizer + base BertConfig to OUT (atomically).
+    """Count the caption words of SHARDS and save a BertTokenizer + base BertConfig to OUT (each file
+    written beside it, then renamed into place; with `overwrite`, only the files this writes are
+    replaced, anything else in OUT stays).
 
     Words seen fewer than `min_count` times are left out ([UNK]); `max_size` > 0 keeps the most frequent
     words so that the vocabulary, specials included, has at most that many entries.
@@ -57,10 +59,10 @@ def write_bert_vocab(spec: str, out: str, min_count: int = 1, max_size: int = 0,
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
     tokenizer.save_pretrained(tmp)
     BertConfig(vocab_size=len(vocab), pad_token_id=TOKEN_IDS["pad_token_id"]).save_pretrained(tmp)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    os.replace(tmp, out)
+    os.makedirs(out, exist_ok=True)
+    for name in sorted(os.listdir(tmp)):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    os.rmdir(tmp)
     covered = sum(counts[w] for w in words)
     return {"vocab_size": len(vocab), **TOKEN_IDS, "captions": captions, "distinct_words": len(counts),
             "word_coverage": covered / max(1, sum(counts.values())), "out": out}

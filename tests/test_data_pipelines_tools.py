@@ -109,3 +109,20 @@ def test_synth_cli(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert rc == 0 and stats["written"] == 10 and len(stats["shards"]) == 3 and stats["image_size"] == 32
     assert sorted(os.listdir(tmp_path / "s"))[-1] == "synth-test-000002.tar"
+
+
+def test_bert_vocab_overwrite_replaces_only_its_own_files(synth_train, tmp_path):
+    """`vlp data bert-vocab --overwrite` rewrites the tokenizer and config it writes; other files stay."""
+    from transformers import BertTokenizer
+
+    from data_pipelines.bert_vocab import write_bert_vocab
+
+    out = tmp_path / "bert"
+    first = write_bert_vocab(str(synth_train), str(out))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_bert_vocab(str(synth_train), str(out), max_size=20)
+    second = write_bert_vocab(str(synth_train), str(out), max_size=20, overwrite=True)
+    assert first["vocab_size"] > 20 and second["vocab_size"] == 20
+    assert len(BertTokenizer.from_pretrained(str(out))) == 20 and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]  # no temp directory left beside it

@@ -223,7 +223,7 @@ def test_step_and_dtype_select_the_checkpoint_and_the_weight_type(demo_run, tmp_
     assert not torch.equal(loaded[key], step2[key].bfloat16().float())
 
 
-def test_cli_refuses_a_nonempty_out_and_replaces_it_with_overwrite(demo_run, tmp_path, capsys):
+def test_cli_refuses_a_nonempty_out_and_overwrites_only_an_export(demo_run, tmp_path, capsys):
     from vlp.cli import main
 
     out = tmp_path / "exp"
@@ -233,9 +233,20 @@ def test_cli_refuses_a_nonempty_out_and_replaces_it_with_overwrite(demo_run, tmp
     assert main(args) == 2
     assert "not empty; pass --overwrite" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
+    # --overwrite replaces only a previous export, never a directory of something else
+    assert main(args + ["--overwrite"]) == 2
+    assert "not a previous export" in capsys.readouterr().err and os.listdir(out) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(args) == 0
     assert main(args + ["--overwrite"]) == 0
-    assert "keep.txt" not in os.listdir(out) and "vlp_config.yaml" in os.listdir(out)
+    assert "vlp_config.yaml" in os.listdir(out)
     assert os.listdir(tmp_path) == ["exp"]  # no temp or old directories left beside it
+    # --out equal to (or containing) the run or checkpoint directory is refused; the run stays whole
+    before = sorted(os.listdir(os.path.join(demo_run, "checkpoints")))
+    for target in (demo_run, os.path.dirname(demo_run)):
+        assert main(["export", "--checkpoint", demo_run, "--format", "vlp", "--out", target, "--overwrite"]) == 2
+        assert "would replace the checkpoints" in capsys.readouterr().err
+    assert sorted(os.listdir(os.path.join(demo_run, "checkpoints"))) == before
 
 
 def test_a_format_the_model_cannot_take_fails_naming_the_formats_that_work(runs, tmp_path):

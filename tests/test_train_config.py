@@ -1,4 +1,5 @@
 """The DeepSpeed config derived from ours, the LR schedule, and config checks before any work."""
+import json
 
 import pytest
 import torch
@@ -90,7 +91,6 @@ def test_scheduler_steps_the_optimizer_lr_and_restores_from_state():
 @pytest.mark.parametrize("override, message", [
     ("train.keep_last=-1", "'train.keep_last'"),
     ("train.min_lr=1.0", "'train.min_lr'"),
-    ("train.warmup_steps=5000", "'train.warmup_steps'"),
     ("train.precision=fp16", "train.precision=fp16 needs a GPU"),
     ("data.train_shards=/nonexistent/dir", "'data.train_shards'"),
     ("eval.every=5", "data.eval_shards"),
@@ -130,3 +130,25 @@ def test_zero_buckets_are_sized_to_the_model_unless_set():
     mine = _cfg("train.zero_stage=2", "train.deepspeed.zero_optimization.reduce_bucket_size=123")
     zero = deepspeed_config(mine, 2, n_params=8_000_000, device_type="cpu", bf16_supported=True)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 123 and zero["allgather_bucket_size"] == 2_000_000
+
+
+def test_warmup_longer_than_the_run_warns_and_clamps():
+    """A short smoke run of a real config just works: the warm-up spans the whole run."""
+    with pytest.warns(UserWarning, match="train.warmup_steps=5000 exceeds train.steps=20"):
+        cfg = _cfg("train.steps=20", "train.warmup_steps=5000")
+    assert cfg.train.warmup_steps == 20
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, caplog):
+    """A kill mid-write leaves half a JSON line: the resumed run drops it (and the records after its
+    step) and appends on a clean line."""
+    from vlp.train.metrics import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n{"step": 30, "lo')
+    with caplog.at_level("WARNING", logger="vlp.train.metrics"):
+        w = MetricsWriter(str(tmp_path), 0, 20, tensorboard=False, wandb_cfg=None)
+    assert "line 3 is not JSON" in caplog.text
+    w.log({"step": 30, "loss": 0.8})
+    w.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [10, 20, 30]

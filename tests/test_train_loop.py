@@ -193,3 +193,35 @@ def test_resume_path_must_be_a_complete_checkpoint(tiny_yaml, synth_train, tmp_p
         find_resume(str(tmp_path), str(tmp_path / "half" / "step_0000004"))
     assert find_resume(str(tmp_path), "auto") is None
     assert find_resume(str(tmp_path), "none") is None
+
+
+def test_a_run_never_prunes_or_mixes_with_another_runs_checkpoints(tiny_yaml, synth_train, tmp_path, capsys):
+    """A fresh run in a directory holding another run's checkpoints, or a resume from an older checkpoint
+    of a directory with later ones, is refused before any work: before, the new run's own saves moved
+    `latest` back and `prune` deleted a checkpoint, and `resume=auto`/export later took the other run's."""
+    from vlp.checkpoint import CheckpointError
+    from vlp.train import train
+    from vlp.train.cli import pretrain_main
+
+    out = tmp_path / "run"
+    common = ["train.steps=4", "train.save_every=2", "train.micro_batch_size=16", "train.keep_last=1"]
+    train(_cfg(tiny_yaml, synth_train, out, *common))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert before == ["latest", "step_0000004"]
+    with pytest.raises(CheckpointError, match="already holds checkpoints of another run.*step_0000004"):
+        train(_cfg(tiny_yaml, synth_train, out, *common, "train.steps=2", "train.resume=none"))
+    # the CLI refuses the same with exit 2 and the message, before starting any rank
+    assert pretrain_main(["--config", tiny_yaml, f"data.train_shards={synth_train}", f"output_dir={out}",
+                          "train.resume=none", *common]) == 2
+    assert "train.resume=auto" in capsys.readouterr().err
+    # resuming an older checkpoint into the same directory would prune the later one
+    train(_cfg(tiny_yaml, synth_train, tmp_path / "other", *common, "train.keep_last=0"))
+    older = tmp_path / "other" / "checkpoints" / "step_0000002"
+    with pytest.raises(CheckpointError, match="holds later checkpoints"):
+        train(_cfg(tiny_yaml, synth_train, tmp_path / "other", *common, f"train.resume={older}"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert (tmp_path / "other" / "checkpoints" / "latest").read_text() == "step_0000004"
+    # into a new directory it is fine, and resume=auto continues the run itself
+    branch = train(_cfg(tiny_yaml, synth_train, tmp_path / "branch", *common, f"train.resume={older}"))
+    assert branch.step == 4
+    assert train(_cfg(tiny_yaml, synth_train, out, *common, "train.steps=6")).step == 6

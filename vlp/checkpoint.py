@@ -64,6 +64,29 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def fsync_tree(path: str) -> None:
+    """fsync every file under `path`, then the directories: a checkpoint survives a power cut once
+    `latest` names it (rename is atomic, but only fsync makes the data and the names durable)."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory; the files are synced
+        pass
+    finally:
+        os.close(fd)
+
+
 def rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -114,6 +137,30 @@ def find_resume(output_dir: str, resume: str) -> Optional[str]:
     return done[-1] if done else None
 
 
+def check_run_dir(output_dir: str, resume_from: Optional[str]) -> None:
+    """A run writes only into a checkpoints/ directory that is its own: a fresh start (`resume_from`
+    None) needs it empty of complete checkpoints, a resume needs every checkpoint there to be at or
+    before the step it resumes from. Otherwise its own saves would move `latest` backwards and
+    `prune` would delete the other (newer) checkpoints, or a later `resume=auto`, export or eval would
+    silently take another run's weights. Raises CheckpointError naming what is there and the ways out."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    done = complete_checkpoints(root)
+    start = -1 if resume_from is None else step_of(resume_from) if _TAG.match(os.path.basename(resume_from.rstrip("/"))) else -1
+    ahead = [p for p in done if step_of(p) > start]
+    if not ahead:
+        return
+    names = ", ".join(os.path.basename(p) for p in ahead[:3]) + (", ..." if len(ahead) > 3 else "")
+    if resume_from is None:
+        raise CheckpointError(
+            f"output_dir {output_dir} already holds checkpoints of another run ({names}) and this run starts "
+            "fresh (train.resume=none, or a resume path elsewhere): it would prune or mix with them. Use a new "
+            "output_dir, continue that run with train.resume=auto, or move its checkpoints away yourself")
+    raise CheckpointError(
+        f"train.resume={resume_from} is at step {start}, but output_dir {output_dir} holds later checkpoints "
+        f"({names}): saving from step {start} on would prune them or mix the two histories. Resume into a "
+        "new output_dir (train.resume=PATH output_dir=NEW), or move the later checkpoints away yourself")
+
+
 def save(engine, output_dir: str, step: int, samples_seen: int, loader_state: Any, config_yaml: str,
          rank: int, world_size: int, keep_last: int) -> str:
     """Collective: every rank calls it at the same step boundary. Returns the checkpoint directory."""
@@ -135,7 +182,9 @@ def save(engine, output_dir: str, step: int, samples_seen: int, loader_state: An
         state = {"step": step, "samples_seen": samples_seen, "world_size": world_size, "time": time.time(),
                  "loader": loader_states}
         write_atomic(os.path.join(path, STATE_FILE), json.dumps(state, indent=1, default=str).encode())
+        fsync_tree(path)  # every rank's files are complete (the gather above was the barrier)
         write_atomic(os.path.join(root, LATEST), tag.encode())
+        _fsync_dir(root)
         prune(root, keep_last)
     barrier()
     return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -312,8 +313,10 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value for 'train.min_lr': {t.min_lr} is above train.lr={t.lr}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"bad value for 'train.betas': {list(t.betas)}; want two values in [0, 1)")
-    if t.warmup_steps > t.steps:
-        raise ConfigError(f"bad value for 'train.warmup_steps': {t.warmup_steps} exceeds train.steps={t.steps}")
+    if t.warmup_steps > t.steps:  # a short smoke run of a real config: warm up over the whole run
+        warnings.warn(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}: warming up over all "
+                      f"{t.steps} steps instead", stacklevel=2)
+        t.warmup_steps = t.steps
     scale = list(cfg.data.crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"bad value for 'data.crop_scale': {scale}; want [lo, hi] with 0 < lo <= hi <= 1")

@@ -42,11 +42,31 @@ class ExportResult:
     commit_url: Optional[str] = None
 
 
+_LAYOUT_FILES = ("config.json", "open_clip_config.json", "vlp_config.yaml")  # one of them in every export
+
+
 def _check_out(out: str, overwrite: bool) -> None:
+    """--out must be a new or empty directory, or (with --overwrite) a previous export: --overwrite
+    replaces what an export wrote, never a directory of anything else."""
     if os.path.isfile(out):
         raise ExportError(f"--out {out} is a file; give a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    if not (os.path.isdir(out) and os.listdir(out)):
+        return
+    if not overwrite:
         raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    is_export = os.path.isfile(os.path.join(out, "README.md")) and any(
+        os.path.isfile(os.path.join(out, f)) for f in _LAYOUT_FILES)
+    if not is_export or os.path.isdir(os.path.join(out, "checkpoints")):
+        raise ExportError(f"--out {out} is not a previous export (a model card README.md beside "
+                          f"{' / '.join(_LAYOUT_FILES)}, and no checkpoints/): --overwrite replaces only an "
+                          "export's directory; give a new --out")
+
+
+def _check_not_the_run(out: str, ckpt) -> None:
+    for what, path in (("the run directory", ckpt.run_dir), ("the checkpoint", ckpt.path)):
+        if path and (out == os.path.abspath(path) or os.path.abspath(path).startswith(out + os.sep)):
+            raise ExportError(f"--out {out} is or contains {what} {path}: exporting there would replace the "
+                              "checkpoints; give a directory of its own (e.g. RUN/export/FORMAT)")
 
 
 def _write_format(fmt: str, model, cfg, image_cfg, tmp: str, out: str, dtype: str, provenance,
@@ -121,10 +141,11 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
            endpoint: Optional[str] = None, log: Callable[[str], None] = print) -> ExportResult:
     """Export the checkpoint of `checkpoint` (run dir, checkpoints/ dir or step dir) to `out`."""
     out = os.path.abspath(out)
+    ckpt = find_checkpoint(checkpoint, step)
+    _check_not_the_run(out, ckpt)
     _check_out(out, overwrite)
     if push_to_hub and not dry_run:
         preflight(push_to_hub)
-    ckpt = find_checkpoint(checkpoint, step)
     cfg = checkpoint_config(ckpt)
     fmt = fmt or cfg.export.format
     dtype = dtype or cfg.export.dtype

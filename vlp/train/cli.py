@@ -98,10 +98,15 @@ def train_command(config: str, overrides: List[str], nproc: int, master_port: Op
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from vlp.checkpoint import CheckpointError
     from vlp.config import load_config
     from vlp.train.loop import check_before_work
 
-    check_before_work(load_config(args.config, args.overrides))  # fail before starting processes
+    try:
+        check_before_work(load_config(args.config, args.overrides))  # fail before starting processes
+    except CheckpointError as e:
+        print(f"vlp train: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.nproc < 1:
         print("vlp train: --nproc must be >= 1", file=sys.stderr)
         return EXIT_CONFIG

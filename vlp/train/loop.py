@@ -68,8 +68,10 @@ def check_before_work(cfg: DictConfig) -> None:
     check_wandb(t.wandb)
     resolve_precision(t.precision)
     deepspeed_config(cfg, 1)  # rejects train.deepspeed keys that contradict ours
+    resume_from = ckpt.find_resume(cfg.output_dir, t.resume)
+    ckpt.check_run_dir(cfg.output_dir, resume_from)  # never prune or mix with another run's checkpoints
     init = cfg.model.init_from
-    if init and not os.path.isdir(init) and ckpt.find_resume(cfg.output_dir, t.resume) is None:
+    if init and not os.path.isdir(init) and resume_from is None:
         raise bad_path(init, "is not a directory")  # a resumed run does not read it
     _check_shards(cfg)
 
@@ -206,6 +208,7 @@ def train(cfg: DictConfig, make_loader: Optional[Callable] = None) -> TrainResul
         ckpt.write_atomic(os.path.join(out_dir, "config.yaml"), config_yaml.encode())
 
     resume_from = ckpt.find_resume(out_dir, t.resume)
+    ckpt.check_run_dir(out_dir, resume_from)
     _seed_all(int(t.seed))  # same seed on every rank: identical initial weights
     model = build_model(cfg.model)
     # a resumed run restores every weight from its checkpoint: model.init_from (maybe gone by now) is skipped

@@ -6,6 +6,7 @@ died) are dropped, then new ones are appended, so the file holds one record per 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Dict, Optional
@@ -13,6 +14,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from vlp.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 # dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, by a substring of the device name
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
@@ -83,11 +86,21 @@ class MetricsWriter:
             self.wandb = wandb.init(id=run_id, resume="allow", dir=output_dir, **wandb_cfg)
 
     def _drop_after(self, step: int) -> None:
+        """Keep the records up to `step` (a resumed run rewrites the rest); a torn last line (the process
+        was killed mid-write) is dropped with a warning instead of failing the resume."""
         if not os.path.isfile(self.path):
             return
         with open(self.path) as f:
-            lines = [ln for ln in f if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+            lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip()]
+        keep = []
+        for i, ln in enumerate(lines):
+            try:
+                record = json.loads(ln)
+            except ValueError:
+                log.warning("%s line %d is not JSON (a write cut short?): dropped", self.path, i + 1)
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(ln)
         if len(keep) != len(lines):
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
