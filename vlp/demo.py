@@ -10,10 +10,11 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from typing import List
+
+from vlp.dist import run_forwarding_signals
 
 _CONFIGS = {"clip": "configs/demo_clip.yaml", "albef": "configs/demo_albef.yaml", "bus": "configs/demo_bus.yaml"}
 
@@ -32,7 +33,7 @@ def _default_nproc() -> int:
 def _run(cmd: List[str]) -> None:
     print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.time()
-    rc = subprocess.call(cmd)
+    rc = run_forwarding_signals(cmd)
     if rc != 0:
         raise SystemExit(f"vlp demo: step failed with exit code {rc}: {' '.join(cmd)}")
     print(f"  ({time.time() - t0:.0f} s)", flush=True)

@@ -153,6 +153,41 @@ def launcher_command(nproc: int, target: Sequence[str], master_port: Optional[in
             "--master_port", str(master_port or free_port())] + list(target)
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: SIGINT/SIGTERM to the whole process group (Ctrl-C, SLURM's --signal,
+    `docker stop`, DeepSpeed's launcher) must reach the rank, which saves and exits at the next step
+    boundary; by default they killed the workers first and the rank died on "DataLoader worker killed
+    by signal" without a checkpoint. The workers end with the rank (the DataLoader shuts them down)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def run_forwarding_signals(cmd: List[str]) -> int:
+    """Run a launcher command and wait for it; SIGINT/SIGTERM received here are passed on to it (and so to
+    the ranks, which save and stop) instead of orphaning it. Returns its exit code, or 128 + the signal
+    when one stopped the run."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd)
+    got: List[int] = []
+
+    def forward(signum, frame):
+        if not got:
+            got.append(signum)
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 128 + got[0] if got else rc
+
+
 class StopRequest:
     """SIGINT/SIGTERM set a flag (the signal number); a second SIGINT interrupts at once.
 

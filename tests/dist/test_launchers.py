@@ -67,3 +67,39 @@ def test_accelerate_launch_with_deepspeed(common, one_node, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert _losses(out) == one_node
+
+
+def test_sigterm_to_the_launchers_process_group_saves_and_resumes(common, tmp_path):
+    """SLURM's --signal, `docker stop` and Ctrl-C signal the whole process group: `vlp train --nproc 2`,
+    DeepSpeed's launcher, both ranks and their DataLoader workers. The workers ignore it, each rank saves
+    at the next step boundary, and the command exits 128 + SIGTERM; rerunning resumes. (Before: the
+    workers died first, the ranks failed on "DataLoader worker killed by signal", no checkpoint.)"""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [a for a in common if a not in ("data.workers=1", "train.steps=6")]
+    cmd = [sys.executable, "-m", "vlp.cli", "train", "--nproc", "2", *args, "data.workers=2",
+           "train.steps=400", "train.save_every=0", "train.log_every=1", f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "killed by signal" not in log
+    latest = (out / "checkpoints" / "latest").read_text()
+    state = json.loads((out / "checkpoints" / latest / "vlp_state.json").read_text())
+    assert 3 <= state["step"] < 400 and state["world_size"] == 2
+    # rerunning the same command (fewer steps to go) resumes from it
+    again = {"train.steps=400": f"train.steps={state['step'] + 2}", "train.resume=none": "train.resume=auto"}
+    rerun = subprocess.run([again.get(c, c) for c in cmd],
+                           cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert f"resumed from {out / 'checkpoints' / latest} at step {state['step']}" in rerun.stderr + rerun.stdout

@@ -45,6 +45,7 @@ from vlp.data.samples import SKIP_REASONS, collate, decode_sample, image_keys, p
 from vlp.data.shards import Shard, resolve_shards
 from vlp.data.stream import RawStream, SourceStream
 from vlp.data.transforms import ImageTransform, resolve_image_cfg
+from vlp.dist import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -184,10 +185,11 @@ def _identity(x):
     return x
 
 
-def _worker_init(_):
+def _worker_init(worker_id):
     import cv2
 
     cv2.setNumThreads(1)
+    ignore_stop_signals(worker_id)
 
 
 def _data_loader(dataset: IterableDataset, workers: int) -> DataLoader:

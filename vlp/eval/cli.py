@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from typing import List, Optional
 
 from vlp.config import EvalConfig
-from vlp.dist import launcher_command
+from vlp.dist import launcher_command, run_forwarding_signals
 
 _COMMON_HELP = """
 MODEL may be a training run directory (its latest complete checkpoint; weights of any ZeRO stage are
@@ -104,7 +103,7 @@ def _relaunch(args, task: str) -> int:
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
-    return subprocess.call(launcher_command(args.nproc, ["--module", "vlp.eval"] + argv))
+    return run_forwarding_signals(launcher_command(args.nproc, ["--module", "vlp.eval"] + argv))
 
 
 def _info(loaded) -> dict:

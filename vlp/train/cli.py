@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import traceback
 from typing import Callable, List, Optional
 
-from vlp.dist import launcher_command, release_shm_buffer
+from vlp.dist import launcher_command, release_shm_buffer, run_forwarding_signals
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
 
@@ -112,7 +111,7 @@ def _cmd(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.nproc == 1:
         return _shutdown_after(worker_main(args.config, args.overrides))
-    return subprocess.call(train_command(args.config, args.overrides, args.nproc, args.master_port))
+    return run_forwarding_signals(train_command(args.config, args.overrides, args.nproc, args.master_port))
 
 
 def register(subparsers) -> None:
