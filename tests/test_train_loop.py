@@ -225,3 +225,26 @@ def test_a_run_never_prunes_or_mixes_with_another_runs_checkpoints(tiny_yaml, sy
     branch = train(_cfg(tiny_yaml, synth_train, tmp_path / "branch", *common, f"train.resume={older}"))
     assert branch.step == 4
     assert train(_cfg(tiny_yaml, synth_train, out, *common, "train.steps=6")).step == 6
+
+
+def test_a_second_job_on_the_same_output_dir_is_refused(tiny_yaml, synth_train, tmp_path, capsys):
+    """Rank 0 holds an flock on OUTPUT_DIR/.vlp_train.lock for the whole run: another job there is refused
+    before it writes anything (not interleaved), and the lock goes with the holder."""
+    from vlp.checkpoint import CheckpointError, RunLock
+    from vlp.train import train
+    from vlp.train.cli import pretrain_main
+
+    out = tmp_path / "run"
+    common = ["train.steps=2", "train.micro_batch_size=16"]
+    out.mkdir()
+    (out / "config.yaml").write_text("the running job's\n")
+    other = RunLock(str(out))
+    assert other.acquire()  # a job in progress
+    with pytest.raises(CheckpointError, match=f"output_dir {out} is in use by another training job"):
+        train(_cfg(tiny_yaml, synth_train, out, *common))
+    assert pretrain_main(["--config", tiny_yaml, f"data.train_shards={synth_train}", f"output_dir={out}", *common]) == 2
+    assert "in use by another training job" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == "the running job's\n" and not (out / "checkpoints").exists()
+    other.release()
+    assert train(_cfg(tiny_yaml, synth_train, out, *common)).step == 2
+    assert RunLock(str(out)).acquire()  # released when the run ended

@@ -137,6 +137,50 @@ def find_resume(output_dir: str, resume: str) -> Optional[str]:
     return done[-1] if done else None
 
 
+LOCK_FILE = ".vlp_train.lock"
+
+
+class RunLock:
+    """An exclusive `flock` on OUTPUT_DIR/.vlp_train.lock, held by one process of a training job (rank 0,
+    or `vlp train` itself before it starts the ranks): a second job on the same output_dir is refused,
+    not interleaved with the first. The kernel drops the lock when the holder exits, however it exits.
+    (Multi-node runs need output_dir on a shared filesystem; flock works on local disks and NFSv4.)"""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def in_use_error(self) -> "CheckpointError":
+        holder = ""
+        try:
+            holder = f" (process {open(self.path).read().strip()})"
+        except OSError:
+            pass
+        return CheckpointError(f"output_dir {os.path.dirname(self.path)} is in use by another training job{holder}: "
+                               "two jobs would interleave their checkpoints. Wait for it, stop it, or use another "
+                               "output_dir")
+
+
 def check_run_dir(output_dir: str, resume_from: Optional[str]) -> None:
     """A run writes only into a checkpoints/ directory that is its own: a fresh start (`resume_from`
     None) needs it empty of complete checkpoints, a resume needs every checkpoint there to be at or
@@ -313,5 +357,6 @@ def consolidated_state_dict(ckpt_dir: str) -> Dict[str, torch.Tensor]:
 
 
 __all__ = ["CheckpointError", "CheckpointNotFound", "Checkpoint", "write_atomic", "find_resume", "save", "load",
-           "prune", "complete_checkpoints", "step_tag", "step_of", "rng_state", "set_rng_state", "find_checkpoint",
-           "checkpoint_config", "consolidated_state_dict", "CHECKPOINTS", "LATEST", "STATE_FILE", "CONFIG_FILE"]
+           "prune", "complete_checkpoints", "RunLock", "check_run_dir", "fsync_tree", "step_tag", "step_of",
+           "rng_state", "set_rng_state", "find_checkpoint", "checkpoint_config", "consolidated_state_dict",
+           "CHECKPOINTS", "LATEST", "STATE_FILE", "CONFIG_FILE"]

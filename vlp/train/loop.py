@@ -62,12 +62,18 @@ class TrainResult:
     last: Dict[str, Any] = field(default_factory=dict)  # the last logged record
 
 
-def check_before_work(cfg: DictConfig) -> None:
-    """Everything that can be checked without starting processes or building the model."""
+def check_before_work(cfg: DictConfig, probe_lock: bool = True) -> None:
+    """Everything that can be checked without starting processes or building the model (`probe_lock`:
+    also whether another job holds output_dir's lock; the ranks themselves take it in `train`)."""
     t = cfg.train  # value ranges are checked with the schema (vlp.config); these need the machine or files
     check_wandb(t.wandb)
     resolve_precision(t.precision)
     deepspeed_config(cfg, 1)  # rejects train.deepspeed keys that contradict ours
+    probe = ckpt.RunLock(cfg.output_dir)  # another job training into output_dir: refuse now, clearly
+    if probe_lock and os.path.isdir(cfg.output_dir):
+        if not probe.acquire():
+            raise probe.in_use_error()
+        probe.release()
     resume_from = ckpt.find_resume(cfg.output_dir, t.resume)
     ckpt.check_run_dir(cfg.output_dir, resume_from)  # never prune or mix with another run's checkpoints
     init = cfg.model.init_from
@@ -195,9 +201,20 @@ def train(cfg: DictConfig, make_loader: Optional[Callable] = None) -> TrainResul
     `make_loader(cfg, model, rank, world_size)` (default: `default_loader`) returns an iterable of
     micro-batches with `state_dict()`/`load_state_dict()` (and optionally `stats()`).
     """
-    check_before_work(cfg)
+    check_before_work(cfg, probe_lock=False)
+    info = setup_distributed(int(cfg.train.dist_timeout_s))
+    lock = ckpt.RunLock(cfg.output_dir)
+    held = info.rank != 0 or lock.acquire()  # rank 0 holds it for the whole run; every rank learns the outcome
+    if all_reduce_sum({"busy": float(not held)}, info.device)["busy"]:
+        raise lock.in_use_error()
+    try:
+        return _train(cfg, make_loader, info)
+    finally:
+        lock.release()
+
+
+def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> TrainResult:
     t = cfg.train
-    info = setup_distributed(int(t.dist_timeout_s))
     rank, world = info.rank, info.world_size
     precision = resolve_precision(t.precision)
     float_dtype = _DTYPES[precision]
