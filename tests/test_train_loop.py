@@ -5,6 +5,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from tests.dist.train_entry import Fault, NaNAt, fixed, write_fixed_batches, write_tiny_config
 
@@ -208,6 +209,9 @@ def test_a_run_never_prunes_or_mixes_with_another_runs_checkpoints(tiny_yaml, sy
     train(_cfg(tiny_yaml, synth_train, out, *common))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert before == ["latest", "step_0000004"]
+    # vlp's state file and DeepSpeed's stage-0 model file hold nothing torch.load(weights_only=True) refuses
+    for name in ("vlp_rank0.pt", "mp_rank_00_model_states.pt"):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(out / "checkpoints" / before[1] / name)) == []
     with pytest.raises(CheckpointError, match="already holds checkpoints of another run.*step_0000004"):
         train(_cfg(tiny_yaml, synth_train, out, *common, "train.steps=2", "train.resume=none"))
     # the CLI refuses the same with exit 2 and the message, before starting any rank

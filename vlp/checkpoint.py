@@ -88,7 +88,10 @@ def _fsync_dir(path: str) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state in types `torch.load(weights_only=True)` reads: tensors, numbers, strings, tuples."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -96,7 +99,9 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -248,6 +253,16 @@ def prune(ckpt_root: str, keep_last: int) -> None:
             shutil.rmtree(full, ignore_errors=True)
 
 
+def load_own_state(path: str) -> Dict[str, Any]:
+    """A `vlp_rank{r}.pt` with `torch.load(weights_only=True)`: nothing in it can run code. Files from
+    before the RNG state was stored as tensors hold numpy arrays, allowed by name (numpy's array
+    reconstructor, ndarray, dtype: data, not code)."""
+    legacy = [np.ndarray, np.dtype, getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+    legacy += [type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(legacy):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load(engine, path: str, rank: int, world_size: int) -> Dict[str, Any]:
     """Collective: restore engine (model, optimizer, LR schedule) and return our state for this rank."""
     with open(os.path.join(path, STATE_FILE)) as f:
@@ -262,7 +277,7 @@ def load(engine, path: str, rank: int, world_size: int) -> Dict[str, Any]:
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
-    ours = torch.load(mine, map_location="cpu", weights_only=False)
+    ours = load_own_state(mine)
     return {"step": state["step"], "samples_seen": state["samples_seen"], "loader": ours["loader"], "rng": ours["rng"]}
 
 
@@ -352,7 +367,7 @@ def consolidated_state_dict(ckpt_dir: str) -> Dict[str, torch.Tensor]:
         if len(files) > 1:
             raise NotImplementedError(f"{ckpt_dir}: {len(files)} model-parallel shards; export supports data "
                                       "parallelism (with any ZeRO stage) only")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]  # tensors and plain data only
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 
 
