@@ -269,3 +269,28 @@ def test_help_names_layouts_hub_options_and_exit_codes(capsys):
                  "--commit-message", "--dry-run", "--overwrite", "CLIPModel", "local-dir:OUT",
                  "vlp.load_pretrained", "HF_TOKEN", "exit codes"):
         assert word in text, word
+
+
+def test_published_files_name_no_secret_and_no_local_path(demo_run, tmp_path):
+    """A shard URL's userinfo and query (tokens) and the machine's paths stay out of what is published:
+    the model card, the exported config and the provenance record."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from vlp.export import export
+
+    run = tmp_path / "secret_run"
+    shutil.copytree(demo_run, run)
+    url = "https://alice:hunter2@data.example.com/shards/{000..009}.tar?X-Amz-Signature=deadbeef"
+    for cfg_file in [run / "config.yaml"] + sorted(run.glob("checkpoints/step_*/config.yaml")):
+        cfg = OmegaConf.load(cfg_file)
+        cfg.data.train_shards = url
+        OmegaConf.save(cfg, cfg_file)
+    out = tmp_path / "vlp"
+    export(str(run), "vlp", str(out), log=lambda m: None)
+    published = "".join((out / name).read_text() for name in ("README.md", "vlp_config.yaml", "vlp_export.json"))
+    for secret in ("hunter2", "alice", "deadbeef", "X-Amz", str(tmp_path)):
+        assert secret not in published, secret
+    assert "https://data.example.com/shards/{000..009}.tar" in published
+    assert json.loads((out / "vlp_export.json").read_text())["checkpoint"].startswith("secret_run/checkpoints/step_")

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import tarfile
+import urllib.parse
 import urllib.request
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 from urllib.parse import urlparse
@@ -33,6 +34,19 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members (tar_fil
 class Shard(NamedTuple):
     url: str
     samples: Optional[int]  # None: unknown (not counted)
+
+
+def public_spec(spec: str) -> str:
+    """A shard spec fit to publish: URLs lose their userinfo (`user:token@`) and query string (signed-URL
+    tokens); local paths and brace patterns stay as written."""
+    out = []
+    for part in str(spec).split("::"):
+        u = urllib.parse.urlsplit(part)
+        if u.scheme and u.netloc:
+            host = u.hostname or ""
+            part = urllib.parse.urlunsplit((u.scheme, host + (f":{u.port}" if u.port else ""), u.path, "", ""))
+        out.append(part)
+    return "::".join(out)
 
 
 def is_local(url: str) -> bool:

@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from vlp.checkpoint import checkpoint_config, find_checkpoint
+from vlp.checkpoint import CHECKPOINTS, checkpoint_config, find_checkpoint
 from vlp.config import ConfigError
 from vlp.data.tokenizers import build_tokenizer
 from vlp.data.transforms import resolve_image_cfg
@@ -114,6 +114,19 @@ def _retarget_paths(tmp: str, out: str) -> None:
                 f.write(text.replace(json.dumps(tmp)[1:-1], json.dumps(out)[1:-1]))
 
 
+def _check_publishable(out: str) -> None:
+    """Refuse to push an export whose files name a path of this machine (e.g. an open_clip config's
+    `hf_model_name` pointing at a local transformers directory): on the Hub it would load nothing."""
+    for d, _, files in os.walk(out):
+        for name in files:
+            if name.endswith((".json", ".yaml", ".yml", ".md", ".txt")):
+                path = os.path.join(d, name)
+                if out in open(path, encoding="utf-8", errors="replace").read():
+                    raise ExportError(f"{os.path.relpath(path, out)} names the local path {out}: the export "
+                                      "cannot load from the Hub; export a model whose towers come from the Hub "
+                                      "or files inside the export, or publish without --push-to-hub")
+
+
 def _usual_permissions(root: str) -> None:
     """mkdtemp and the safetensors writer create owner-only files; give them the umask's modes."""
     mask = os.umask(0)
@@ -161,7 +174,10 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp.", dir=parent)
-    provenance = {"checkpoint": ckpt.path, "step": ckpt.step, "samples_seen": ckpt.state.get("samples_seen")}
+    # never an absolute local path in a published file: the run's name and the checkpoint below it
+    where = os.path.join(os.path.basename(ckpt.run_dir), CHECKPOINTS) if ckpt.run_dir else ""
+    provenance = {"checkpoint": os.path.join(where, os.path.basename(ckpt.path)), "step": ckpt.step,
+                  "samples_seen": ckpt.state.get("samples_seen")}
     try:
         try:
             info = _write_format(fmt, model, cfg, image_cfg, tmp, out, dtype, provenance, push_to_hub)
@@ -170,7 +186,8 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
             raise ExportError(f"cannot export this {cfg.model.type} model to --format {fmt}: {e}. "
                               f"Formats that work for it: {', '.join(ok)}") from None
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(model, cfg, fmt, ckpt, image_cfg, info, cfg.export.license, push_to_hub or out,
+            f.write(model_card(model, cfg, fmt, ckpt, image_cfg, info, cfg.export.license,
+                               push_to_hub or f"./{os.path.basename(out)}",  # no local path in the card
                                on_hub=bool(push_to_hub)))
         verified = verify_export(fmt, tmp, model, tokenizer, image_cfg, dtype) if verify else {}
         _retarget_paths(tmp, out)
@@ -186,6 +203,7 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
     log(f"vlp export: wrote {len(files)} files ({human_size(total)}) to {out}"
         + (f"; reloaded and matched the trained model (max abs diff {max(verified.values()):.2g})" if verified else ""))
     if push_to_hub:
+        _check_publishable(out)
         if dry_run:
             log(describe(out, push_to_hub, revision, private))
         else:

@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 
+from vlp.data.shards import public_spec
+
 LIBRARY = {"hf": "transformers", "open_clip": "open_clip", "vlp": "vlp"}
 OBJECTIVES = {
     "clip": ("CLIP", "symmetric InfoNCE contrastive loss over in-batch negatives gathered across ranks, "
@@ -213,9 +215,9 @@ def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[
     ]
     if len(cfg.data.sources):
         for i, s in enumerate(cfg.data.sources):
-            lines.append(f"- {s.name or f'source {i}'}: `{s.shards}` (weight {s.weight})")
+            lines.append(f"- {s.name or f'source {i}'}: `{public_spec(s.shards)}` (weight {s.weight})")
     elif cfg.data.train_shards:
-        lines.append(f"- `{cfg.data.train_shards}`")
+        lines.append(f"- `{public_spec(cfg.data.train_shards)}`")
     counts = data_counts(state)
     if counts and (len(counts) > 1 or len(cfg.data.sources)):
         lines += ["", "Samples drawn per source: " + ", ".join(f"{k}: {v:,}" for k, v in counts.items())]
@@ -249,6 +251,7 @@ def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[
         for res in results:
             metr = {k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))}
             data = res.get("data", "")
+            data = public_spec(data.get("spec", "") if isinstance(data, dict) else data)
             n = res.get("n_images")
             lines.append(f"**{res['file']}**" + (f" on `{data}`" if data else "") + (f" ({n} images)" if n else ""))
             lines += ["", "| metric | value |", "|---|---|"]

@@ -16,6 +16,7 @@ from typing import Any, Dict
 import torch.nn as nn
 from omegaconf import OmegaConf
 from vlp.config import to_yaml
+from vlp.data.shards import public_spec
 from vlp.export.tokenizer_files import copy_for_vlp
 from vlp.export.weights import cast, save_state_dict
 from vlp.models.registry import without_pretrained
@@ -55,6 +56,10 @@ def write_vlp(model: nn.Module, cfg: Any, image_cfg: Dict[str, Any], out_dir: st
     if tok_name is not None:
         cfg.data.tokenizer.name = tok_name
     cfg.train.resume = "none"
+    cfg.output_dir = ""  # a local path of the machine that trained it
+    cfg.data.train_shards, cfg.data.eval_shards = public_spec(cfg.data.train_shards), public_spec(cfg.data.eval_shards)
+    for src in cfg.data.sources:
+        src.shards = public_spec(src.shards)
     cfg.data.image_size = int(image_cfg["size"])
     cfg.data.mean, cfg.data.std = list(image_cfg["mean"]), list(image_cfg["std"])
     files = save_state_dict(cast(dict(model.state_dict()), dtype), out_dir, stem="model", max_shard_size=max_shard_size)
