@@ -32,7 +32,8 @@ def inspect_shards(spec: str, n: int = 16, out_png: Optional[str] = None, captio
     no_image = no_caption = 0
     from tqdm import tqdm
 
-    for s in tqdm(iter_samples(paths), desc="inspect", unit="sample", disable=not progress, file=sys.stderr):
+    skipped: Counter = Counter()
+    for s in tqdm(iter_samples(paths, skipped), desc="inspect", unit="sample", disable=not progress, file=sys.stderr):
         per_shard[s["__url__"]] += 1
         keys[s["__key__"]] += 1
         exts.update(k for k in s if not k.startswith("__"))
@@ -55,6 +56,7 @@ def inspect_shards(spec: str, n: int = 16, out_png: Optional[str] = None, captio
         "duplicate_keys": sum(c - 1 for c in keys.values() if c > 1),
         "without_image": no_image,
         "without_caption": no_caption,
+        "skipped": dict(skipped),  # shards cut short or unreadable (the samples before the fault count)
         "caption_words": _summary(words),
         "captions_per_sample": _summary(lines_per_sample),
     }
@@ -104,6 +106,9 @@ def format_report(report: Dict) -> str:
         f"duplicate keys: {report['duplicate_keys']}   without image: {report['without_image']}   "
         f"without caption: {report['without_caption']}",
     ]
+    if report.get("skipped"):
+        lines.append("shards cut short or unreadable (read up to the fault): "
+                     + ", ".join(f"{k}={v}" for k, v in report["skipped"].items()))
     if report.get("contact_sheet"):
         lines.append(f"contact sheet: {report['contact_sheet']}")
     return "\n".join(lines)

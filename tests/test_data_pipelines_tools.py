@@ -126,3 +126,20 @@ def test_bert_vocab_overwrite_replaces_only_its_own_files(synth_train, tmp_path)
     assert first["vocab_size"] > 20 and second["vocab_size"] == 20
     assert len(BertTokenizer.from_pretrained(str(out))) == 20 and (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]  # no temp directory left beside it
+
+
+def test_tools_count_a_cut_shard_and_go_on(synth_train, tmp_path):
+    """`vlp data inspect`/`tokenizer`/`bert-vocab` read shards with the training reader: a tar cut
+    mid-member ends that shard with a counted skip; the samples before the cut are still read."""
+    import shutil
+
+    from data_pipelines.bert_vocab import write_bert_vocab
+
+    cut = tmp_path / "cut"
+    shutil.copytree(synth_train, cut)
+    tar = sorted(cut.glob("*.tar"))[1]
+    with open(tar, "r+b") as f:
+        f.truncate(os.path.getsize(tar) // 2)
+    report = inspect_shards(str(cut), n=4)
+    assert report["skipped"] == {"truncated_tar": 1} and 48 < report["samples"] < 64
+    assert write_bert_vocab(str(cut), str(tmp_path / "bert"))["captions"] == report["samples"] - report["without_caption"]
