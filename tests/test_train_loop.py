@@ -252,3 +252,22 @@ def test_a_second_job_on_the_same_output_dir_is_refused(tiny_yaml, synth_train, 
     other.release()
     assert train(_cfg(tiny_yaml, synth_train, out, *common)).step == 2
     assert RunLock(str(out)).acquire()  # released when the run ended
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tiny_yaml, synth_train, tmp_path, caplog):
+    """resume=auto with a torn newest checkpoint (killed mid-copy, disk error): it is set aside, never
+    deleted, the previous complete one is loaded with a warning, and the run continues exactly."""
+    from vlp.train import train
+
+    common = ["train.steps=6", "train.save_every=2", "train.micro_batch_size=16", "train.keep_last=0"]
+    ref = tmp_path / "ref"
+    train(_cfg(tiny_yaml, synth_train, ref, *common))
+    out = tmp_path / "run"
+    train(_cfg(tiny_yaml, synth_train, out, *common[1:], "train.steps=4"))
+    mine = out / "checkpoints" / "step_0000004" / "vlp_rank0.pt"
+    mine.write_bytes(mine.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="vlp.checkpoint"):
+        resumed = train(_cfg(tiny_yaml, synth_train, out, *common))
+    assert "step_0000004 cannot be read" in caplog.text and resumed.step == 6
+    assert (out / "checkpoints" / "step_0000004.unreadable" / "vlp_rank0.pt").exists()
+    assert [r["loss"] for r in _records(out) if r["step"] > 2] == [r["loss"] for r in _records(ref) if r["step"] > 2]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import random
 import re
@@ -27,14 +28,15 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from vlp.config import ConfigError, from_dict
-from vlp.dist import barrier, gather_objects
+from vlp.dist import all_reduce_sum, barrier, gather_objects
 
+log = logging.getLogger(__name__)
 CHECKPOINTS, LATEST, STATE_FILE, CONFIG_FILE = "checkpoints", "latest", "vlp_state.json", "config.yaml"
 _TAG = re.compile(r"^step_(\d+)$")
 
@@ -263,8 +265,8 @@ def load_own_state(path: str) -> Dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load(engine, path: str, rank: int, world_size: int) -> Dict[str, Any]:
-    """Collective: restore engine (model, optimizer, LR schedule) and return our state for this rank."""
+def _read_own(path: str, rank: int, world_size: int) -> Dict[str, Any]:
+    """This rank's part of our state in checkpoint `path` (no collective)."""
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
     if state["world_size"] != world_size:
@@ -273,12 +275,42 @@ def load(engine, path: str, rank: int, world_size: int) -> Dict[str, Any]:
     mine = os.path.join(path, f"vlp_rank{rank}.pt")
     if not os.path.isfile(mine):
         raise CheckpointError(f"{path} has no {os.path.basename(mine)}: the checkpoint is incomplete")
-    load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}")
-    ours = load_own_state(mine)
+    try:
+        ours = load_own_state(mine)
+    except Exception as e:  # torn or corrupt file: the caller may fall back
+        raise CheckpointError(f"{mine} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return {"step": state["step"], "samples_seen": state["samples_seen"], "loader": ours["loader"], "rng": ours["rng"]}
+
+
+def load(engine, path: str, rank: int, world_size: int, device: torch.device, fallback: bool = False
+         ) -> Tuple[str, Dict[str, Any]]:
+    """Collective: restore engine (model, optimizer, LR schedule) from checkpoint `path` and return (the
+    checkpoint loaded, our state for this rank). Every rank reads its own files first and the ranks agree
+    before DeepSpeed loads. With `fallback` (train.resume=auto), a checkpoint some rank cannot read is set
+    aside (renamed `step_N.unreadable`: nothing is deleted) with a warning and the previous complete one
+    is tried; otherwise the error is raised."""
+    root = os.path.dirname(path.rstrip("/"))
+    older = [p for p in reversed(complete_checkpoints(root)) if step_of(p) < step_of(path)] \
+        if fallback and _TAG.match(os.path.basename(path.rstrip("/"))) else []
+    for cand in [path] + older:
+        try:
+            ours, err = _read_own(cand, rank, world_size), None
+        except CheckpointError as e:
+            ours, err = None, e
+        if all_reduce_sum({"unreadable": float(err is not None)}, device)["unreadable"] == 0:
+            load_path, _ = engine.load_checkpoint(root, tag=os.path.basename(cand), load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed could not load {cand}")
+            return cand, ours
+        if not fallback:
+            raise err or CheckpointError(f"{cand}: another rank cannot read its part of this checkpoint")
+        if rank == 0:
+            log.warning("checkpoint %s cannot be read on every rank (%s); set aside as %s.unreadable, trying the "
+                        "previous one", cand, err or "another rank's files", os.path.basename(cand))
+            os.replace(cand, cand + ".unreadable")
+        barrier()
+    raise CheckpointError(f"no checkpoint under {root} can be read on every rank (tried {len(older) + 1})")
 
 
 @dataclass

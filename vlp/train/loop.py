@@ -247,7 +247,7 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
 
     step, samples_seen = 0, 0
     if resume_from is not None:
-        state = ckpt.load(engine, resume_from, rank, world)
+        resume_from, state = ckpt.load(engine, resume_from, rank, world, info.device, fallback=t.resume == "auto")
         step, samples_seen = state["step"], state["samples_seen"]
         loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
