@@ -37,7 +37,11 @@ def test_roundtrip_through_dict():
     ("train.micro_bach_size=4", "train.micro_batch_size"),
     ("train.steps=abc", "'train.steps'"),
     ("train.steps=0", "'train.steps'"),
-    ("model.type=clipp", "valid: albef, align, clip, siglip"),  # the registry (vlp.families) is the list
+    ("model.type=clipp", "valid: albef, align, clip, siglip"),
+    ("eval.batch_size=0", "'eval.batch_size'"),  # checked at start, not at the first in-training eval
+    ("eval.rerank_k=-1", "'eval.rerank_k'"),
+    ("data.max_corrupt_fraction=1.5", "'data.max_corrupt_fraction'"),
+    ("data.image_size=-32", "'data.image_size'"),  # the registry (vlp.families) is the list
     ("train.zero_stage=5", "'train.zero_stage'"),
     ("train.resume=/no/such/ckpt", "'train.resume'"),
     ("data.crop_scale=[1.5,0.2]", "'data.crop_scale'"),

@@ -295,12 +295,17 @@ def _check_values(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"bad value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
     non_negative = ["train.lr", "train.warmup_steps", "train.log_every", "train.save_every",
-                    "train.grad_clip", "data.workers", "data.shuffle_buffer", "eval.every"]
+                    "train.grad_clip", "data.workers", "data.shuffle_buffer", "data.image_size",
+                    "data.samples_per_epoch", "eval.every", "eval.rerank_k", "eval.max_samples"]
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"bad value for '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
     if cfg.train.log_every == 0:
         raise ConfigError("bad value for 'train.log_every': must be >= 1")
+    if cfg.eval.batch_size <= 0:
+        raise ConfigError(f"bad value for 'eval.batch_size': must be > 0, got {cfg.eval.batch_size}")
+    if not 0 <= cfg.data.max_corrupt_fraction <= 1:
+        raise ConfigError(f"bad value for 'data.max_corrupt_fraction': {cfg.data.max_corrupt_fraction}; want 0..1")
     t = cfg.train
     if cfg.eval.every and not cfg.data.eval_shards:
         raise ConfigError("eval.every > 0 needs data.eval_shards (the held-out shards for retrieval)")
