@@ -224,7 +224,9 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
         os.makedirs(out_dir, exist_ok=True)
         ckpt.write_atomic(os.path.join(out_dir, "config.yaml"), config_yaml.encode())
 
-    resume_from = ckpt.find_resume(out_dir, t.resume)
+    # rank 0 resolves the checkpoint and every rank takes its answer: on several nodes each would otherwise
+    # read `latest` from its own view of the filesystem (`ckpt.load` then checks each rank has its files)
+    resume_from = gather_objects(ckpt.find_resume(out_dir, t.resume) if rank == 0 else None)[0]
     ckpt.check_run_dir(out_dir, resume_from)
     _seed_all(int(t.seed))  # same seed on every rank: identical initial weights
     model = build_model(cfg.model)
