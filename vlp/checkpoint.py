@@ -196,7 +196,8 @@ def check_run_dir(output_dir: str, resume_from: Optional[str]) -> None:
     silently take another run's weights. Raises CheckpointError naming what is there and the ways out."""
     root = os.path.join(output_dir, CHECKPOINTS)
     done = complete_checkpoints(root)
-    start = -1 if resume_from is None else step_of(resume_from) if _TAG.match(os.path.basename(resume_from.rstrip("/"))) else -1
+    named = resume_from is not None and _TAG.match(os.path.basename(resume_from.rstrip("/")))
+    start = step_of(resume_from) if named else -1  # a resume from elsewhere counts as a fresh start here
     ahead = [p for p in done if step_of(p) > start]
     if not ahead:
         return

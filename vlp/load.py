@@ -202,7 +202,7 @@ def _hf_image_cfg(proc) -> Dict[str, Any]:
 
 
 def _load_hf(path: str) -> Loaded:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     config = AutoConfig.from_pretrained(path)
     model = AutoModel.from_pretrained(path, dtype=torch.float32)
@@ -211,15 +211,14 @@ def _load_hf(path: str) -> Loaded:
                          "image-text dual encoder (needs get_image_features/get_text_features)")
     model.eval()
     proc = AutoImageProcessor.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
     text_cfg = getattr(config, "text_config", config)
-    ctx = min(int(getattr(text_cfg, "max_position_embeddings", 512) or 512), int(tok.model_max_length or 512))
-    del tok
+    tokenizer = HFTokenizer(path, int(getattr(text_cfg, "max_position_embeddings", 512) or 512))
+    tokenizer.context_length = min(tokenizer.context_length, tokenizer.model_max_length or 512)
 
     def preprocess(img):
         return proc(images=img, return_tensors="pt")["pixel_values"][0]
 
-    return Loaded(HFDualEncoderForEval(model), HFTokenizer(path, ctx), _hf_image_cfg(proc), preprocess,
+    return Loaded(HFDualEncoderForEval(model), tokenizer, _hf_image_cfg(proc), preprocess,
                   {"format": "hf", "path": os.path.abspath(path), "model_type": config.model_type})
 
 

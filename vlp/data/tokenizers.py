@@ -69,6 +69,7 @@ class HFTokenizer:
         self.name, self.context_length = name, context_length
         self.pad_id = int(self._tok.pad_token_id)
         self.vocab_size = len(self._tok)
+        self.model_max_length = int(self._tok.model_max_length or 0)
 
     def __call__(self, texts: List[str]) -> Encoded:
         enc = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,

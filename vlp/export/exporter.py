@@ -22,7 +22,7 @@ from vlp.export.tokenizer_files import hf_tokenizer
 from vlp.export.transformer_ir import Unsupported
 from vlp.export.verify import verify_export
 from vlp.export.vlp_format import write_vlp
-from vlp.load import load_trained_model
+from vlp.load import detect_format, load_trained_model
 
 FORMATS = ("hf", "open_clip", "vlp")
 
@@ -42,9 +42,6 @@ class ExportResult:
     commit_url: Optional[str] = None
 
 
-_LAYOUT_FILES = ("config.json", "open_clip_config.json", "vlp_config.yaml")  # one of them in every export
-
-
 def _check_out(out: str, overwrite: bool) -> None:
     """--out must be a new or empty directory, or (with --overwrite) a previous export: --overwrite
     replaces what an export wrote, never a directory of anything else."""
@@ -54,12 +51,13 @@ def _check_out(out: str, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    is_export = os.path.isfile(os.path.join(out, "README.md")) and any(
-        os.path.isfile(os.path.join(out, f)) for f in _LAYOUT_FILES)
-    if not is_export or os.path.isdir(os.path.join(out, "checkpoints")):
-        raise ExportError(f"--out {out} is not a previous export (a model card README.md beside "
-                          f"{' / '.join(_LAYOUT_FILES)}, and no checkpoints/): --overwrite replaces only an "
-                          "export's directory; give a new --out")
+    try:  # the layouts vlp.load reads, with our model card beside them
+        layout = detect_format(out)
+    except FileNotFoundError:
+        layout = None
+    if layout not in ("vlp-export", "open_clip", "hf") or not os.path.isfile(os.path.join(out, "README.md")):
+        raise ExportError(f"--out {out} is not a previous export (a model card README.md beside a vlp, open_clip "
+                          "or transformers layout): --overwrite replaces only an export's directory; give a new --out")
 
 
 def _check_not_the_run(out: str, ckpt) -> None:

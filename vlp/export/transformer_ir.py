@@ -336,16 +336,10 @@ def vit_from_hf(m: nn.Module) -> ViT:
           for k, v in m.state_dict().items()}
     if cfg.hidden_act not in ("gelu", "quick_gelu"):
         raise Unsupported(f"{what} activation {cfg.hidden_act!r} (want exact GELU or QuickGELU)")
-    if isinstance(cfg, Dinov2Config):
-        if cfg.use_swiglu_ffn:
+    if isinstance(cfg, (Dinov2Config, ViTConfig)):  # the same embeddings and final norm, other block names
+        if isinstance(cfg, Dinov2Config) and cfg.use_swiglu_ffn:
             raise Unsupported(f"{what} uses a SwiGLU MLP")
-        names, stem = DINOV2_KEYS, "encoder.layer."
-        cls, pos = sd["embeddings.cls_token"].reshape(-1), sd["embeddings.position_embeddings"][0]
-        patch_w = sd["embeddings.patch_embeddings.projection.weight"]
-        patch_b = sd.get("embeddings.patch_embeddings.projection.bias")
-        pre, post = None, (sd["layernorm.weight"], sd["layernorm.bias"])
-    elif isinstance(cfg, ViTConfig):
-        names, stem = HF_VIT_KEYS, "layers."
+        names, stem = (DINOV2_KEYS, "encoder.layer.") if isinstance(cfg, Dinov2Config) else (HF_VIT_KEYS, "layers.")
         cls, pos = sd["embeddings.cls_token"].reshape(-1), sd["embeddings.position_embeddings"][0]
         patch_w = sd["embeddings.patch_embeddings.projection.weight"]
         patch_b = sd.get("embeddings.patch_embeddings.projection.bias")
