@@ -201,22 +201,10 @@ def test_a_few_steps_lower_the_loss():
     assert model(b)["loss"].item() < 0.7 * first
 
 
-def test_flops_per_sample_matches_analytic_count():
+def test_flops_per_sample_restores_the_mode_and_counts_attention_pooling():
+    """(The analytic agreement is tests/test_mfu.py's.)"""
     model = tiny()
     fl = flops_per_sample(model)
-    # vision: 16 patches + cls, width 32, 2 blocks; text: 16 tokens, width 32, 2 blocks
-    d, blocks = 32, 2
-
-    def transformer(n):
-        per_block = 2 * n * (3 * d * d + d * d + 2 * 4 * d * d) + 2 * 2 * n * n * d
-        return blocks * per_block
-
-    patch_embed = 2 * 16 * (3 * 8 * 8) * d
-    vision = transformer(17) + patch_embed + 2 * d * 32  # + image head
-    text = transformer(16) + 2 * d * 32  # + text projection
-    assert fl == pytest.approx(3 * (vision + text), rel=0.05)
-    locked = tiny(vision=dict(locked=True))
-    assert flops_per_sample(locked) == pytest.approx(fl - 2 * vision, rel=0.05)
     assert model.training  # mode restored
     # attention-pooled (SigLIP-style) towers count too, also when the caller is under no_grad
     map_pool = tiny(vision=dict(kwargs={**TINY["vision"]["kwargs"], "global_pool": "map"}))

@@ -44,6 +44,10 @@ def test_zero_stages_on_two_ranks_match_one_rank(tiny_yaml, synth_train, tmp_pat
     rc, log = _launch(os.path.join(HERE, "train_entry.py"), "--config", tiny_yaml, "--fixed", batches,
                       "--runs", runs, *common, f"output_dir={tmp_path}/two", "train.micro_batch_size=16")
     assert rc == 0, log[-4000:]
+    # the two ranks share this host's cores, so they share one peak measurement taken with both ranks' threads
+    peaks = [line for line in log.splitlines() if "vlp train: MFU against" in line]
+    assert len(peaks) == 5 and all(line.count("GFLOP/s with") == 1 and "one measurement per host" in line
+                                   for line in peaks), peaks
 
     env = launcher_env()
     ref = subprocess.run([sys.executable, "-m", "tests.dist.train_entry", "--config", tiny_yaml, "--fixed", batches,

@@ -1,19 +1,35 @@
-"""Training FLOPs per sample, for model-FLOPs utilisation (MFU)."""
+"""Training FLOPs per sample, for model-FLOPs utilisation (MFU), counted as the model runs.
+
+One real training forward + backward of a 2-sample batch is run under torch's FlopCounterMode and
+halved, so what is counted is what runs: a trainable layer costs forward + weight gradient + input
+gradient (3x), a frozen layer inside a trainable tower (the frozen LLM block) forward + input gradient
+(2x), a locked tower at the input forward only (1x), and the patch embedding no input gradient (2x).
+EViT and BUS count the tokens each block really sees (eval mode: the target keep rate), and fusion
+models their momentum passes, ITM pairs and MLM. The CPU flash-attention kernels, which the counter
+does not know, are counted with its own attention formulas. Not counted: the contrastive loss's
+B x B matrix (B = 2 here), elementwise work and GradCache's second forward (model FLOPs, not
+hardware FLOPs).
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 
 def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# torch counts the CUDA attention kernels but not the CPU one: count it the same way
-_EXTRA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa}
+def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch counts the CUDA attention kernels but not the CPU ones: count them the same way
+_EXTRA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+          torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
 
 
 def _count(fn, *args) -> int:
@@ -44,37 +60,31 @@ def _training_step_flops(model: nn.Module, batch: dict) -> int:
         torch.set_rng_state(rng)
 
 
+def example_batch(model: nn.Module, n: int, image_size: int, context_length: int) -> dict:
+    """The model's own example batch when it has one (fusion models need real token ids), else `n` zero
+    images and full-length captions."""
+    param = next(model.parameters())
+    if callable(getattr(model, "example_batch", None)):
+        return model.example_batch(n, image_size, context_length, param)
+    ids = torch.ones(n, context_length, dtype=torch.long, device=param.device)
+    return {"image": torch.zeros(n, 3, image_size, image_size, device=param.device, dtype=param.dtype),
+            "text_ids": ids, "text_mask": torch.ones_like(ids)}
+
+
 def flops_per_sample(model: nn.Module, image_size: Optional[int] = None,
                      context_length: Optional[int] = None) -> float:
-    """FLOPs of one training sample: 3x forward (forward + backward) for trainable towers, 1x for locked ones.
+    """FLOPs of one training sample: one counted forward + backward of a 2-sample batch, halved.
 
-    Fusion models (ALBEF: they have `example_batch`) run much more than one pass of each tower per
-    sample (momentum copies, the fusion encoder on positive and negative pairs, MLM): for them one real
-    training forward + backward of the model's 2-sample example batch is counted and halved.
-
-    Counts the matmul/conv/attention FLOPs torch's FlopCounterMode sees in one forward of one sample,
-    in eval mode (all patches: patch dropout's saving is not counted; nor is the loss's B x B matrix).
-    Pass the data's image size and tokenizer context length (defaults: the towers' own, 512 for
-    BERT). Call it on the unwrapped model, before ZeRO-3 partitions the weights.
+    Runs in eval mode (no dropout draws, all patches: patch dropout's saving is not counted, EViT at its
+    target keep rate) and leaves the model as it was (see `_training_step_flops`). Pass the data's image
+    size and tokenizer context length (defaults: the towers' own). Call it on the unwrapped model, before
+    ZeRO-3 partitions the weights; with several ranks every rank must call it (the loss gathers).
     """
     image_size = image_size or model.image_cfg["size"]
     context_length = context_length or model.text_cfg["context_length"]
-    param = next(model.parameters())
-    images = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
-    ids = torch.zeros(1, context_length, dtype=torch.long, device=param.device)
-    mask = torch.ones_like(ids)
-    locked = getattr(model, "locked", {})
     was_training = model.training
     model.eval()
-    if callable(getattr(model, "example_batch", None)):
-        try:
-            return float(_training_step_flops(model, model.example_batch(2, image_size, context_length, param))) / 2
-        finally:
-            model.train(was_training)
     try:
-        with torch.enable_grad():  # torch's module tracker fails on parameter views made under no_grad
-            vision = _count(model.encode_image, images)
-            text = _count(model.encode_text, ids, mask)
+        return float(_training_step_flops(model, example_batch(model, 2, image_size, context_length))) / 2
     finally:
         model.train(was_training)
-    return float((1 if locked.get("vision") else 3) * vision + (1 if locked.get("text") else 3) * text)

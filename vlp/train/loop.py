@@ -44,7 +44,8 @@ from vlp.train.engine import build_engine, clamp_parameters
 from vlp.train.grad_cache import check_model, grad_cache_step
 from vlp.train.init_from import init_from
 from vlp.train.init_sources import bad_path
-from vlp.train.metrics import MetricsWriter, check_wandb, peak_flops
+from vlp.train.metrics import MetricsWriter, check_wandb
+from vlp.train.mfu import OVER_100, Peak, resolve_peak
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -245,7 +246,10 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     flops_sample = float(flops_per_sample(model, image_size, int(cfg.data.tokenizer.context_length)))
     engine, optimizer, scheduler = build_engine(model, groups, cfg, ds_cfg, info.device)
     loader = (make_loader or default_loader)(cfg, model, rank, world)
-    peak = all_reduce_sum({"peak": peak_flops(float(t.peak_flops), info.device, float_dtype)}, info.device)["peak"]
+    peak = resolve_peak(float(t.peak_flops), info.device, float_dtype, world)
+    if rank == 0:
+        print(f"vlp train: MFU against {peak.flops / 1e9:.4g} GFLOP/s: {peak.how}; {flops_sample / 1e6:.4g} MFLOP "
+              "per training sample (one counted forward + backward)", file=sys.stderr, flush=True)
 
     step, samples_seen = 0, 0
     if resume_from is not None:
@@ -292,7 +296,7 @@ class TrainState:
     samples_seen: int
     float_dtype: torch.dtype
     flops_sample: float  # training FLOPs per sample (vlp.models.flops_per_sample)
-    peak: float  # peak FLOP/s of the hardware, for MFU
+    peak: Peak  # peak FLOP/s of all ranks' hardware, for MFU (flops 0: unknown)
     config_yaml: str  # stored with every checkpoint
 
 
@@ -309,6 +313,7 @@ def _run(state: TrainState) -> TrainResult:
                unit="step", file=sys.stderr)
     result = TrainResult(step=step, samples_seen=samples_seen)
     window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+    warned_mfu = False
     while step < t.steps:
         lr = optimizer.param_groups[0]["lr"]
         metrics: List[Dict[str, torch.Tensor]] = []
@@ -367,8 +372,12 @@ def _run(state: TrainState) -> TrainResult:
             record = {"step": step, "loss": loss}
             record.update({k: red[f"metric/{k}"] / world for k in names})
             record.update({"lr": lr, "samples_per_s": sps, "tokens_per_s": window_tokens / dt,
-                           "flops_per_s": sps * flops_sample, "mfu": sps * flops_sample / peak if peak else 0.0,
-                           "samples_seen": samples_seen})
+                           "flops_per_s": sps * flops_sample, "samples_seen": samples_seen})
+            if peak.flops > 0:
+                record["mfu"] = sps * flops_sample / peak.flops
+                if record["mfu"] > 1.0 and rank == 0 and not warned_mfu:
+                    warned_mfu = True
+                    bar.write("vlp train: warning: " + OVER_100.format(mfu=record["mfu"], how=peak.how), file=sys.stderr)
             record.update({f"data/{k}": v for k, v in stats.items()})
             record.update({f"eval/{k}": v for k, v in evals.items()})
             writer.log(record)

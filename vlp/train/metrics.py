@@ -1,4 +1,4 @@
-"""Training metrics: `metrics.jsonl`, TensorBoard, optional Weights & Biases, and the FLOP peak for MFU.
+"""Training metrics: `metrics.jsonl`, TensorBoard, optional Weights & Biases (the peak for MFU: vlp.train.mfu).
 
 Only rank 0 writes. On resume the records after the checkpoint's step (written by the run that
 died) are dropped, then new ones are appended, so the file holds one record per logged step.
@@ -8,18 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Any, Dict, Optional
-
-import torch
 
 from vlp.config import ConfigError
 
 log = logging.getLogger(__name__)
-
-# dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, by a substring of the device name
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
-
 
 def check_wandb(enabled: bool) -> None:
     if enabled:
@@ -28,37 +21,6 @@ def check_wandb(enabled: bool) -> None:
         except ImportError:
             raise ConfigError("train.wandb=true but wandb is not installed: `pip install wandb`, "
                               "or set train.wandb=false") from None
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
-                        reps: int = 5) -> float:
-    """FLOP/s of a square matmul on this process's share of the device (a short timing, ~0.1-1 s on CPU)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def peak_flops(configured: float, device: torch.device, dtype: torch.dtype) -> float:
-    """`train.peak_flops` if set; a known GPU's bf16/fp16 peak; else a measured matmul peak."""
-    if configured > 0:
-        return configured
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BF16.items():
-            if key in name:
-                return value
-    # the measurement must not disturb the training RNG streams
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return measure_matmul_peak(device, dtype, n=4096 if device.type == "cuda" else 1024)
 
 
 class MetricsWriter:
@@ -127,4 +89,4 @@ class MetricsWriter:
             self.wandb.finish()
 
 
-__all__ = ["MetricsWriter", "measure_matmul_peak", "peak_flops", "check_wandb"]
+__all__ = ["MetricsWriter", "check_wandb"]
