@@ -82,7 +82,7 @@ def test_loss_decreases_and_run_directory_is_complete(tiny_yaml, synth_train, sy
 
     out = tmp_path / "run"
     cfg = _cfg(tiny_yaml, synth_train, out, "train.steps=30", "train.save_every=10", "train.keep_last=2",
-               "train.tensorboard=true", f"data.eval_shards={synth_test}", "eval.every=20")
+               "train.tensorboard=true", "train.curves=true", f"data.eval_shards={synth_test}", "eval.every=20")
     result = train(cfg)
     recs = _records(out)
     assert [r["step"] for r in recs] == list(range(1, 31))
@@ -93,6 +93,7 @@ def test_loss_decreases_and_run_directory_is_complete(tiny_yaml, synth_train, sy
         assert key in recs[-1], key
     assert recs[-1]["samples_seen"] == 30 * 32
     assert 0 < recs[-1]["mfu"] < 1.0 and recs[-1]["tokens_per_s"] > 0
+    assert (out / "curves.png").stat().st_size > 10_000  # drawn at the end (tests/test_curves.py checks it)
     assert recs[0]["lr"] == pytest.approx(5e-4 / 3)  # first warm-up step
     evals = {r["step"]: r for r in recs if "eval/mean_recall" in r}
     assert sorted(evals) == [20, 30] and evals[30]["eval/n_images"] == 32  # every 20 steps and at the end

@@ -1,4 +1,4 @@
-"""`vlp` command line: `vlp data|train|eval|export|demo ...`.
+"""`vlp` command line: `vlp data|train|eval|export|report|demo ...`.
 
 Each area registers its own subcommand (`register(subparsers)` in its `cli` module) so that the
 top level stays a thin dispatcher and heavy imports happen only for the command that runs.
@@ -16,6 +16,7 @@ AREAS = [
     ("train", "vlp.train.cli"),
     ("eval", "vlp.eval.cli"),
     ("export", "vlp.export.cli"),
+    ("report", "vlp.train.curves"),
     ("demo", "vlp.demo"),
 ]
 

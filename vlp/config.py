@@ -190,9 +190,10 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | none | path to a checkpoint directory
     tensorboard: bool = True
+    curves: bool = True  # rank 0 draws output_dir/curves.png at checkpoints (at most once a minute) and at the end
     wandb: bool = False
     wandb_project: str = "vlp"  # Weights & Biases project (used when train.wandb=true)
-    peak_flops: float = 0.0  # per device; 0: measured matmul peak on CPU, known table on GPU
+    peak_flops: float = 0.0  # FLOP/s per device; 0: GPU data-sheet table, measured matmul peak on CPU
     dist_timeout_s: int = 600
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # advanced DeepSpeed keys, merged last
 

@@ -41,6 +41,7 @@ train:
   weight_decay: 0.02
   log_every: 1
   tensorboard: false
+  curves: false                # drawn and checked in tests/test_curves.py
 """
 
 

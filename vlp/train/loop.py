@@ -275,6 +275,18 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     return result
 
 
+CURVES_EVERY_S = 60.0  # curves.png at a checkpoint at most this often (a redraw takes ~2 s on a CPU core)
+
+
+def _draw_curves(output_dir: str, bar) -> None:
+    """Redraw output_dir/curves.png from metrics.jsonl; a failure warns and training goes on."""
+    from vlp.train.curves import write_run_curves
+    try:
+        write_run_curves(output_dir)
+    except Exception as e:  # a picture must never stop a run
+        bar.write(f"vlp train: warning: could not draw {output_dir}/curves.png: {type(e).__name__}: {e}", file=sys.stderr)
+
+
 def _evaluate(model, cfg: DictConfig, info: DistInfo) -> Dict[str, float]:
     """Retrieval on data.eval_shards with the live model (collective), off the training RNG stream."""
     with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
@@ -313,7 +325,7 @@ def _run(state: TrainState) -> TrainResult:
                unit="step", file=sys.stderr)
     result = TrainResult(step=step, samples_seen=samples_seen)
     window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
-    warned_mfu = False
+    warned_mfu, curves_at = False, time.perf_counter()
     while step < t.steps:
         lr = optimizer.param_groups[0]["lr"]
         metrics: List[Dict[str, torch.Tensor]] = []
@@ -387,6 +399,12 @@ def _run(state: TrainState) -> TrainResult:
         if stopping or step == t.steps or (t.save_every and step % t.save_every == 0):
             result.checkpoint = ckpt.save(engine, cfg.output_dir, step, samples_seen, loader.state_dict(),
                                           config_yaml, rank, world, int(t.keep_last))
+            final = stopping or step == t.steps
+            if rank == 0 and t.curves and (final or time.perf_counter() - curves_at > CURVES_EVERY_S):
+                t_draw = time.perf_counter()
+                _draw_curves(cfg.output_dir, bar)
+                curves_at = time.perf_counter()
+                window_t0 += curves_at - t_draw  # keep drawing time out of the throughput figures
         if stopping:
             result.stopped_by = stop.signum or signal.SIGTERM
             break
