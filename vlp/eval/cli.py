@@ -85,6 +85,8 @@ def _add_commands(sub) -> None:
                    help="prompt templates file (one per line, '{}' marks the class name), or one template; "
                         "default: CLIP's 80 ImageNet templates")
     z.add_argument("--label-key", default=None, help="json metadata field holding the label (dotted for nesting)")
+    z.add_argument("--report", default=None, metavar="PNG",
+                   help="also draw per-class accuracy and the confusion matrix, most-confused pairs named")
     z.set_defaults(func=_guarded(run_zeroshot_cli))
 
 
@@ -182,6 +184,9 @@ def run_zeroshot_cli(args) -> int:
                "data": {"spec": args.data, "classnames": args.classnames,
                         "templates": args.templates or DEFAULT_TEMPLATES}}
         write_json_atomic(args.out, out)
+        if args.report:
+            from vlp.eval.report import write_zeroshot_png
+            write_zeroshot_png(out, args.report, args.data)
         m = res["metrics"]
         top5 = next(k for k in m if k.startswith("top") and k != "top1")
         print(f"zero-shot on {res['n_samples']} images, {res['n_classes']} classes ({res['n_skipped']} skipped): "

@@ -24,18 +24,47 @@ from vlp.models import build_model
 REPORT_TOPK = 5
 
 
-def _examples(enc: Dict[str, Any], top: torch.Tensor, t2i_ranks: torch.Tensor, n: int) -> list:
-    """A few text->image queries spread over the set, with their top retrieved images."""
-    n_txt = len(enc["texts"])
-    picks = sorted(set(np.linspace(0, n_txt - 1, min(n, n_txt)).round().astype(int).tolist())) if n else []
-    out = []
-    for t in picks:
-        j = int(enc["txt2img"][t])
-        cand = top[t, :REPORT_TOPK].tolist()
-        out.append({"text": enc["texts"][t], "rank": int(t2i_ranks[t]), "image_key": enc["key"][j],
-                    "image_stream_index": enc["index"][j], "top_keys": [enc["key"][c] for c in cand],
-                    "top_stream_index": [enc["index"][c] for c in cand], "top_correct": [c == j for c in cand]})
+def _spread(n_total: int, n: int) -> list:
+    return sorted(set(np.linspace(0, n_total - 1, min(n, n_total)).round().astype(int).tolist())) if n else []
+
+
+def _method_ranks(ranks: Dict[str, torch.Tensor], reranked: Optional[Dict[str, torch.Tensor]], side: str,
+                  q: int) -> Dict[str, int]:
+    """The query's rank of its true match under ITC and, for fusion models, after re-ranking."""
+    out = {"ITC": int(ranks[f"{side}_ranks"][q])}
+    if reranked is not None:
+        out["ITM re-ranked"] = int(reranked[f"{side}_ranks"][q])
+        out["ITM + ITC"] = int(reranked[f"{side}_ranks_itc"][q])
     return out
+
+
+def _t2i_example(enc, ranks, reranked, t: int) -> dict:
+    j = int(enc["txt2img"][t])
+    cand = ranks["t2i_topk"][t, :REPORT_TOPK].tolist()
+    return {"text": enc["texts"][t], "rank": int(ranks["t2i_ranks"][t]), "ranks": _method_ranks(ranks, reranked, "t2i", t),
+            "image_key": enc["key"][j], "image_stream_index": enc["index"][j], "top_keys": [enc["key"][c] for c in cand],
+            "top_stream_index": [enc["index"][c] for c in cand], "top_correct": [c == j for c in cand]}
+
+
+def _i2t_example(enc, ranks, reranked, i: int) -> dict:
+    cand = ranks["i2t_topk"][i, :REPORT_TOPK].tolist()
+    own = (enc["txt2img"] == i).nonzero().flatten().tolist()
+    return {"image_key": enc["key"][i], "image_stream_index": enc["index"][i], "rank": int(ranks["i2t_ranks"][i]),
+            "ranks": _method_ranks(ranks, reranked, "i2t", i), "true_texts": [enc["texts"][t] for t in own[:3]],
+            "top_texts": [enc["texts"][c] for c in cand], "top_correct": [int(enc["txt2img"][c]) == i for c in cand]}
+
+
+def _examples(enc: Dict[str, Any], ranks: Dict[str, torch.Tensor], n: int,
+              reranked: Optional[Dict[str, torch.Tensor]] = None, n_hardest: int = 2) -> Dict[str, list]:
+    """What the report shows: a few text->image and image->text queries spread over the set, and the
+    hardest failures (the queries whose true match ranked worst under ITC), each with its top-5
+    ITC candidates and its rank under every method the model has."""
+    t2i_worst = torch.argsort(ranks["t2i_ranks"], descending=True, stable=True)[:n_hardest].tolist() if n else []
+    i2t_worst = torch.argsort(ranks["i2t_ranks"], descending=True, stable=True)[:n_hardest].tolist() if n else []
+    return {"examples": [_t2i_example(enc, ranks, reranked, t) for t in _spread(len(enc["texts"]), n)],
+            "examples_i2t": [_i2t_example(enc, ranks, reranked, i) for i in _spread(len(enc["index"]), n)],
+            "hardest_t2i": [_t2i_example(enc, ranks, reranked, t) for t in t2i_worst if ranks["t2i_ranks"][t] > 1],
+            "hardest_i2t": [_i2t_example(enc, ranks, reranked, i) for i in i2t_worst if ranks["i2t_ranks"][i] > 1]}
 
 
 def _partitioned(model) -> list:
@@ -101,6 +130,7 @@ def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: O
             raise ValueError(f"no evaluable samples in {data!r}: {len(enc['skipped'])} read, all skipped {skipped}")
         ranks = retrieval_ranks(enc["img"], enc["txt"], enc["txt2img"], topk=max(rerank_k, REPORT_TOPK))
         result: Dict[str, Any] = {"metrics": metrics_from_ranks(ranks["i2t_ranks"], ranks["t2i_ranks"], ks)}
+        rr = None
         if rerank_k:
             rr = rerank(model, tokenizer, {**ranks, "i2t_topk": ranks["i2t_topk"][:, :rerank_k],
                                            "t2i_topk": ranks["t2i_topk"][:, :rerank_k]},
@@ -114,8 +144,8 @@ def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: O
         "n_images": len(enc["index"]), "n_texts": len(enc["texts"]),
         "n_samples_read": len(enc["index"]) + len(enc["skipped"]), "n_skipped": len(enc["skipped"]),
         "skipped": skipped, "skipped_examples": [{"key": k, "reason": r} for _, k, r in enc["skipped"][:20]],
-        "examples": _examples(enc, ranks["t2i_topk"], ranks["t2i_ranks"], n_examples),
     })
+    result.update(_examples(enc, ranks, n_examples, rr))
     return result
 
 

@@ -130,6 +130,21 @@ def classification_metrics(ranks: torch.Tensor, labels: torch.Tensor, classnames
             "per_class_accuracy": per_class, "per_class_count": counts}
 
 
+def confusion(pred: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str], n_pairs: int = 10) -> Dict[str, Any]:
+    """The confusion matrix (`confusion[true][predicted]` counts) and the most confused pairs of classes
+    (true -> predicted, by the share of the true class's samples, ties by count)."""
+    n = len(classnames)
+    mat = torch.zeros(n, n, dtype=torch.long)
+    mat.index_put_((labels.long(), pred.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True)
+    rows = mat.sum(1).clamp(min=1)
+    pairs = [(float(mat[t, p]) / float(rows[t]), int(mat[t, p]), t, p) for t in range(n) for p in range(n)
+             if t != p and mat[t, p] > 0]
+    pairs.sort(key=lambda x: (-x[0], -x[1], x[2], x[3]))
+    return {"confusion": mat.tolist(),
+            "most_confused": [{"true": classnames[t], "predicted": classnames[p], "count": c, "share": share}
+                              for share, c, t, p in pairs[:n_pairs]]}
+
+
 def evaluate_zeroshot(model, tokenizer, preprocess, data: str, classnames: Sequence[str], templates: Sequence[str],
                       *, label_key: Optional[str] = None, batch_size: int = 64, workers: int = 0,
                       max_samples: int = 0, image_key: str = "jpg;jpeg;png;webp", rank: int = 0,
@@ -150,6 +165,7 @@ def evaluate_zeroshot(model, tokenizer, preprocess, data: str, classnames: Seque
     logits = enc["img"] @ cls_emb.T
     ranks = true_class_ranks(logits, enc["label"])
     return {"metrics": classification_metrics(ranks, enc["label"], classnames),
+            **confusion(logits.argmax(1), enc["label"], classnames),
             "n_samples": len(enc["index"]), "n_classes": len(classnames), "n_templates": len(templates),
             "n_samples_read": len(enc["index"]) + len(enc["skipped"]), "n_skipped": len(enc["skipped"]),
             "skipped": skip_counts(enc["skipped"]),
