@@ -18,6 +18,7 @@ LAYERS = [
     ["data_pipelines", "vlp.models"],
     ["vlp.checkpoint"],
     ["vlp.load"],
+    ["vlp.plots"],  # pictures from plain results: curves, recall bars (train, eval and export draw them)
     ["vlp.eval", "vlp.export"],
     ["vlp.train"],
     ["vlp.demo", "vlp.cli", "data_pipelines.cli", "vlp", "launch"],

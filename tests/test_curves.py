@@ -7,7 +7,7 @@ import sys
 
 from PIL import Image
 
-from vlp.train.curves import draw_curves, read_evals, read_metrics
+from vlp.plots import draw_curves, read_evals, read_metrics
 from vlp.train.metrics import MetricsWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

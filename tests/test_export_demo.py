@@ -181,6 +181,8 @@ def test_no_pickle_anywhere_and_weights_are_safetensors(exports):
         weights = [n for n in names if n.endswith(".safetensors")]
         assert weights
         for n in names:
+            if os.path.isdir(os.path.join(res.out, n)):
+                continue
             with open(os.path.join(res.out, n), "rb") as f:
                 assert f.read(2) not in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"), n  # pickle protocols
         for n in weights:
@@ -201,6 +203,12 @@ def test_model_cards_carry_metadata_training_facts_and_eval_results(exports):
         for fact in ("vit_tiny_patch16_224", "| optimizer steps | 2 of 2 planned |", "| samples seen | 16 |",
                      "| ZeRO stage | 0 |", "i2t_r1 | 0.3125", "radford2021clip", "Intended use"):
             assert fact in text, (fmt, fact)
+        # the Hub page shows the training curves and the recall bars: files beside the card, linked relatively
+        for link in ("](images/training_curves.png)", "](images/recall_0.png)"):
+            assert link in text, (fmt, link)
+            png = os.path.join(res.out, link[2:-1])
+            with open(png, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
 
 
 def test_step_and_dtype_select_the_checkpoint_and_the_weight_type(demo_run, tmp_path):

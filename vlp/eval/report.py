@@ -12,6 +12,7 @@ import subprocess
 from typing import Any, Dict, Optional
 
 from vlp.eval.data import IMAGE_KEYS, decode_image, iter_records
+from vlp.plots import recall_bars
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -48,25 +49,6 @@ def fetch_images(data: str, stream_indices, images_dir: Optional[str] = None, sp
             if len(out) == len(wanted):
                 break
     return out
-
-
-def _recall_bars(ax, result: Dict[str, Any]) -> None:
-    import numpy as np
-
-    ks = sorted({int(k.split("_r")[1]) for k in result["metrics"] if k.startswith("i2t_r")})
-    series = [("ITC", result["metrics"])] + ([("ITM re-ranked", result["reranked"])] if "reranked" in result else []) \
-        + ([("ITM + ITC re-ranked", result["reranked_itc"])] if "reranked_itc" in result else [])
-    labels = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in ks]
-    width = 0.8 / len(series)
-    x = np.arange(len(labels))
-    for i, (name, m) in enumerate(series):
-        vals = [100 * m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks]
-        bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("recall (%)")
-    ax.legend(fontsize=8, loc="upper left")
 
 
 THUMB_PX = 160  # every thumbnail's longer side in the saved PNG (issue: >= 128 px whatever the source size)
@@ -166,7 +148,7 @@ def write_report_png(result: Dict[str, Any], path: str, data: str, images_dir: O
     fig = plt.figure(figsize=(0.5 + 7 * CELL_IN, height), dpi=DPI)
     bars = fig.add_axes([0.6 / fig.get_size_inches()[0], 1 - (top_in + bars_in - 0.45) / height,
                          1 - 1.0 / fig.get_size_inches()[0], (bars_in - 0.9) / height])
-    _recall_bars(bars, result)
+    recall_bars(bars, result)
     y = top_in + bars_in
     thumbs = []
     for title, kind, rows in sections:

@@ -16,7 +16,7 @@ from vlp.data.tokenizers import build_tokenizer
 from vlp.data.transforms import resolve_image_cfg
 from vlp.export.hf import hf_model, write_hf
 from vlp.export.hub import describe, files_to_upload, human_size, preflight, push
-from vlp.export.model_card import model_card
+from vlp.export.model_card import card_figures, model_card
 from vlp.export.openclip import open_clip_layout, write_open_clip
 from vlp.export.tokenizer_files import hf_tokenizer
 from vlp.export.transformer_ir import Unsupported
@@ -183,10 +183,11 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
             ok = [f for f in supported_formats(model, cfg) if f != fmt]
             raise ExportError(f"cannot export this {cfg.model.type} model to --format {fmt}: {e}. "
                               f"Formats that work for it: {', '.join(ok)}") from None
+        figures = card_figures(ckpt, tmp)  # images/ beside the card, referenced from it
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(model, cfg, fmt, ckpt, image_cfg, info, cfg.export.license,
                                push_to_hub or f"./{os.path.basename(out)}",  # no local path in the card
-                               on_hub=bool(push_to_hub)))
+                               on_hub=bool(push_to_hub), figures=figures))
         verified = verify_export(fmt, tmp, model, tokenizer, image_cfg, dtype) if verify else {}
         _retarget_paths(tmp, out)
         _usual_permissions(tmp)

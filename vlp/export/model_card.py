@@ -159,10 +159,41 @@ text_emb = model.encode_text(ids, mask)          # L2-normalised
 ```"""
 
 
+def card_figures(ckpt: Any, out_dir: str) -> Dict[str, Any]:
+    """Draw the model card's pictures into `out_dir/images/`: the training curves up to the exported step
+    (from the run's metrics.jsonl and the checkpoint evals saved in it) and one recall-bars figure per
+    retrieval result under RUN/eval/. Returns {"curves": relpath or None, "recall": {result file: relpath}}.
+    A run directory without metrics gives no curves; a drawing failure leaves that figure out."""
+    from vlp.plots import draw_curves, draw_recall, read_evals, read_metrics
+
+    figures: Dict[str, Any] = {"curves": None, "recall": {}}
+    if not ckpt.run_dir:
+        return figures
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    try:
+        records = [r for r in read_metrics(ckpt.run_dir) if r["step"] <= ckpt.step]
+    except FileNotFoundError:
+        records = []
+    if records:
+        evals = [(s, r) for s, r in read_evals(ckpt.run_dir) if s <= ckpt.step]
+        draw_curves([(os.path.basename(os.path.normpath(ckpt.run_dir)), records)],
+                    os.path.join(out_dir, "images", "training_curves.png"), evals=[evals],
+                    title=f"training curves up to the exported step {ckpt.step}")
+        figures["curves"] = "images/training_curves.png"
+    for i, res in enumerate(r for r in eval_results(ckpt.run_dir) if "i2t_r1" in r["metrics"]):
+        name = f"images/recall_{i}.png"
+        data = res.get("data", "")
+        data = public_spec(data.get("spec", "") if isinstance(data, dict) else data)
+        draw_recall(res, os.path.join(out_dir, name), title=f"{res['file']}" + (f" on {data}" if data else ""))
+        figures["recall"][res["file"]] = name
+    return figures
+
+
 def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[str, Any], info: Dict[str, Any],
-               license: str, repo: str, on_hub: bool = False) -> str:
+               license: str, repo: str, on_hub: bool = False, figures: Optional[Dict[str, Any]] = None) -> str:
     """The README.md text (YAML front matter + markdown); `repo` is the Hub id (`on_hub`) or the directory
-    the usage snippet loads from."""
+    the usage snippet loads from; `figures` (from `card_figures`) are embedded by relative path, so the
+    Hub page shows them."""
     from huggingface_hub import ModelCardData
 
     m, t = cfg.model, cfg.train
@@ -245,6 +276,9 @@ def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[
         keys = [k for k in ("loss", "logit_scale", "logit_bias", "samples_per_s", "mfu") if k in last]
         lines.append(f"| last logged (step {last.get('step')}) | "
                      + ", ".join(f"{k}={last[k]:.4g}" for k in keys) + " |")
+    figures = figures or {}
+    if figures.get("curves"):
+        lines += ["", f"![training curves: losses, learning rate, throughput, held-out retrieval]({figures['curves']})"]
     lines += ["", "## Evaluation", ""]
     results = eval_results(ckpt.run_dir)
     if results:
@@ -254,6 +288,8 @@ def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[
             data = public_spec(data.get("spec", "") if isinstance(data, dict) else data)
             n = res.get("n_images")
             lines.append(f"**{res['file']}**" + (f" on `{data}`" if data else "") + (f" ({n} images)" if n else ""))
+            if res["file"] in (figures.get("recall") or {}):
+                lines += ["", f"![recall@K, {res['file']}]({figures['recall'][res['file']]})"]
             lines += ["", "| metric | value |", "|---|---|"]
             lines += [f"| {k} | {v:.4f} |" for k, v in metr.items()]
             lines.append("")
@@ -283,4 +319,4 @@ def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[
     return "\n".join(lines)
 
 
-__all__ = ["model_card", "eval_results", "data_counts", "last_metrics"]
+__all__ = ["model_card", "card_figures", "eval_results", "data_counts", "last_metrics"]
