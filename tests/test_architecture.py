@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # lowest first; a module may import its own layer's package and any lower layer
 LAYERS = [
+    ["vlp.console"],  # the end-of-command summary block: no vlp imports
     ["vlp.families"],
     ["vlp.config"],
     ["vlp.dist"],

@@ -71,26 +71,26 @@ def run_demo(args: argparse.Namespace) -> int:
     for fmt in formats:
         exports[fmt] = os.path.join(out, "export", fmt)
         _run(vlp + ["export", "--checkpoint", out, "--format", fmt, "--out", exports[fmt], "--overwrite"])
+    from vlp.console import duration, summary
+    from vlp.train.curves import write_run_curves
+
+    curves = write_run_curves(out)  # again, now with the held-out evaluation as points
     with open(results) as f:
-        metrics = json.load(f)["metrics"]
-    print("\n== vlp demo done in %.0f s ==" % (time.time() - t0))
-    print("retrieval on %d held-out images: " % json.load(open(results))["n_images"]
-          + ", ".join(f"{k}={metrics[k]:.3f}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_recall")))
-    full = json.load(open(results))
-    reranked = full.get("reranked")
-    if reranked:  # fusion models: the ITC top-k re-ordered by the ITM head
-        print("after ITM re-ranking: " + ", ".join(f"{k}={reranked[k]:.3f}" for k in ("i2t_r1", "t2i_r1", "mean_recall")))
-        both = full["reranked_itc"]
-        print("after ITM + ITC re-ranking (BLIP): "
-              + ", ".join(f"{k}={both[k]:.3f}" for k in ("i2t_r1", "t2i_r1", "mean_recall")))
-        itm = full["itm"]
-        print(f"held-out ITM accuracy (positives and hardest ITC negatives, balanced): {itm['balanced_acc']:.3f}")
-    print(f"TensorBoard logs : tensorboard --logdir {os.path.join(out, 'tb')}")
-    print(f"metrics          : {os.path.join(out, 'metrics.jsonl')}")
-    print(f"results JSON     : {results}")
-    print(f"report PNG       : {report}")
-    for fmt, path in exports.items():
-        print(f"export ({fmt:9s}): {path}")
+        full = json.load(f)
+
+    def line(m):
+        return f"i2t R@1 {100 * m['i2t_r1']:.1f}  t2i R@1 {100 * m['t2i_r1']:.1f}  mean recall {100 * m['mean_recall']:.1f}"
+
+    rows = [("open first", f"{report}  (what was retrieved for which query, and why the numbers are what they are)"),
+            ("held-out", f"{full['n_images']} images: ITC {line(full['metrics'])}")]
+    if full.get("reranked"):  # fusion models: the ITC top-k re-ordered by the ITM head
+        rows += [("ITM re-ranked", line(full["reranked"])), ("ITM + ITC (BLIP)", line(full["reranked_itc"])),
+                 ("held-out ITM", f"balanced accuracy {100 * full['itm']['balanced_acc']:.1f} (positives and "
+                                  "hardest ITC negatives)")]
+    rows += [("curves", curves), ("results", results), ("metrics", os.path.join(out, "metrics.jsonl")),
+             ("TensorBoard", f"tensorboard --logdir {os.path.join(out, 'tb')}")]
+    rows += [(f"export ({fmt})", path) for fmt, path in exports.items()]
+    summary(f"vlp demo ({args.model}): done in {duration(time.time() - t0)}", rows)
     return 0
 
 

@@ -144,20 +144,27 @@ def run_retrieval_cli(args) -> int:
         write_json_atomic(args.out, out)
         if args.report:
             write_report_png(res, args.report, args.data, args.images_dir, args.split, args.image_key)
-        m = res["metrics"]
-        print(f"retrieval on {res['n_images']} images / {res['n_texts']} texts ({res['n_skipped']} skipped): "
-              f"i2t R@1 {100 * m['i2t_r1']:.2f}  t2i R@1 {100 * m['t2i_r1']:.2f}  "
-              f"mean recall {100 * m['mean_recall']:.2f} -> {args.out}")
-        if "reranked" in res:
-            r, itm = res["reranked"], res["itm"]
-            print(f"ITM re-ranked (top {res['rerank_k']}): i2t R@1 {100 * r['i2t_r1']:.2f}  t2i R@1 "
-                  f"{100 * r['t2i_r1']:.2f}  mean recall {100 * r['mean_recall']:.2f}; held-out ITM accuracy "
-                  f"{100 * itm['balanced_acc']:.1f} (positives {100 * itm['pos_acc']:.1f}, hardest ITC "
-                  f"negatives {100 * itm['neg_acc']:.1f})")
-            b = res["reranked_itc"]
-            print(f"ITM + ITC re-ranked (BLIP's score): i2t R@1 {100 * b['i2t_r1']:.2f}  t2i R@1 "
-                  f"{100 * b['t2i_r1']:.2f}  mean recall {100 * b['mean_recall']:.2f}")
+        _retrieval_summary(res, args)
     return 0
+
+
+def _retrieval_summary(res, args) -> None:
+    from vlp.console import summary
+
+    def line(m):
+        return (f"i2t R@1 {100 * m['i2t_r1']:.1f}  t2i R@1 {100 * m['t2i_r1']:.1f}  "
+                f"mean recall {100 * m['mean_recall']:.1f}")
+
+    rows = [("data", f"{res['n_images']} images / {res['n_texts']} texts ({res['n_skipped']} skipped): {args.data}"),
+            ("ITC", line(res["metrics"]))]
+    if "reranked" in res:
+        itm = res["itm"]
+        rows += [(f"ITM re-ranked (top {res['rerank_k']})", line(res["reranked"])),
+                 ("ITM + ITC (BLIP)", line(res["reranked_itc"])),
+                 ("held-out ITM", f"balanced accuracy {100 * itm['balanced_acc']:.1f} (positives "
+                                  f"{100 * itm['pos_acc']:.1f}, hardest ITC negatives {100 * itm['neg_acc']:.1f})")]
+    rows += [("results", args.out), ("report", args.report)]
+    summary("vlp eval retrieval: done", rows)
 
 
 def run_zeroshot_cli(args) -> int:
@@ -187,10 +194,18 @@ def run_zeroshot_cli(args) -> int:
         if args.report:
             from vlp.eval.report import write_zeroshot_png
             write_zeroshot_png(out, args.report, args.data)
+        from vlp.console import summary
+
         m = res["metrics"]
         top5 = next(k for k in m if k.startswith("top") and k != "top1")
-        print(f"zero-shot on {res['n_samples']} images, {res['n_classes']} classes ({res['n_skipped']} skipped): "
-              f"top-1 {100 * m['top1']:.2f}  {top5} {100 * m[top5]:.2f} -> {args.out}")
+        worst = res["most_confused"][0] if res.get("most_confused") else None
+        summary("vlp eval zeroshot: done", [
+            ("data", f"{res['n_samples']} images, {res['n_classes']} classes ({res['n_skipped']} skipped): {args.data}"),
+            ("accuracy", f"top-1 {100 * m['top1']:.1f}  {top5} {100 * m[top5]:.1f}  mean per class "
+                         f"{100 * m['mean_per_class_accuracy']:.1f}"),
+            ("most confused", f"{worst['true']} → {worst['predicted']} ({100 * worst['share']:.0f}% of "
+                              f"{worst['true']})" if worst else None),
+            ("results", args.out), ("report", args.report)])
     return 0
 
 

@@ -70,6 +70,31 @@ def iter_records(data: str, images_dir: Optional[str] = None, split: str = "test
     return _shard_records(data, what)
 
 
+def expected_samples(data: str, split: str = "test", max_samples: int = 0, rank: int = 0,
+                     world_size: int = 1) -> Optional[int]:
+    """How many records `iter_records` will yield to this rank (records are dealt round-robin), when that
+    is cheap to know (a Karpathy JSON, or local shards with the `stats.json` vlp's converters write);
+    None otherwise. For progress bars only."""
+    n: Optional[int] = None
+    try:
+        if data.endswith(".json"):
+            with open(data) as f:
+                n = sum(1 for e in json.load(f).get("images", []) if e.get("split") == split)
+        else:
+            urls = expand_shards(data)
+            if not all(u.startswith("/") or "://" not in u for u in urls):
+                return None
+            counts: Dict[str, int] = {}
+            for d in {os.path.dirname(u) for u in urls}:
+                with open(os.path.join(d, "stats.json")) as f:
+                    counts.update({os.path.join(d, sh["name"]): int(sh["samples"]) for sh in json.load(f)["shards"]})
+            n = sum(counts[u] for u in urls)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    n = min(n, max_samples) if max_samples else n
+    return len(range(rank, n, world_size))
+
+
 def decode_image(rec: Dict[str, Any], image_keys: List[str]):
     """PIL RGB image of a record, or a skip reason."""
     if "__path__" in rec:

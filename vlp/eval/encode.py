@@ -7,7 +7,7 @@ are in the same order whatever the number of ranks or workers.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -35,11 +35,13 @@ def encode_texts(model, tokenizer, texts: List[str], device: torch.device, batch
 
 @torch.no_grad()
 def encode_local(model, tokenizer, batches: Iterable[Dict[str, Any]], device: torch.device, text_batch_size: int,
-                 keep_pixels: bool = False, progress: bool = True, desc: str = "encode") -> Dict[str, Any]:
-    """This rank's share: image embeddings (and text embeddings of their captions, or labels)."""
+                 keep_pixels: bool = False, progress: bool = True, desc: str = "encode",
+                 total: Optional[int] = None) -> Dict[str, Any]:
+    """This rank's share: image embeddings (and text embeddings of their captions, or labels). `total`:
+    the records this rank will read, when known (the progress bar then shows an ETA)."""
     local: Dict[str, Any] = {"index": [], "key": [], "img": [], "captions": [], "txt": [], "label": [],
                              "skipped": [], "pixels": {}}
-    bar = tqdm(desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(desc=desc, unit="img", total=total, disable=not progress, dynamic_ncols=True)
     for batch in batches:
         local["skipped"] += batch["skipped"]
         bar.update(len(batch["index"]) + len(batch["skipped"]))

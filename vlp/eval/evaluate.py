@@ -15,7 +15,7 @@ import torch
 from vlp.config import TokenizerConfig
 from vlp.data.tokenizers import build_tokenizer
 from vlp.data.transforms import eval_transform, resolve_image_cfg
-from vlp.eval.data import CAPTION_KEY, EvalDataset, IMAGE_KEYS, eval_loader
+from vlp.eval.data import CAPTION_KEY, EvalDataset, IMAGE_KEYS, eval_loader, expected_samples
 from vlp.eval.encode import encode_local, gather_encoded, skip_counts
 from vlp.eval.rerank import rerank
 from vlp.eval.retrieval import DEFAULT_KS, metrics_from_ranks, retrieval_ranks
@@ -123,7 +123,8 @@ def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: O
                      image_key=image_key, caption_key=caption_key, max_samples=max_samples, what=what)
     with eval_mode(model):
         local = encode_local(model, tokenizer, eval_loader(ds, batch_size, workers), device, batch_size,
-                             keep_pixels=rerank_k > 0, progress=progress and rank == 0, desc="retrieval")
+                             keep_pixels=rerank_k > 0, progress=progress and rank == 0, desc="retrieval",
+                             total=expected_samples(data, split, max_samples, rank, world_size))
         enc = gather_encoded(local, world_size)
         skipped = skip_counts(enc["skipped"])
         if not enc["index"]:

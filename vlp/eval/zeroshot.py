@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from vlp.eval.data import EvalDataset, eval_loader, record_meta
+from vlp.eval.data import EvalDataset, eval_loader, expected_samples, record_meta
 from vlp.dist import gather_objects
 from vlp.eval.encode import encode_local, encode_texts, gather_encoded, skip_counts
 from vlp.eval.evaluate import eval_mode
@@ -157,7 +157,8 @@ def evaluate_zeroshot(model, tokenizer, preprocess, data: str, classnames: Seque
     with eval_mode(model):
         cls_emb = class_embeddings(model, tokenizer, classnames, templates, device, batch_size, rank, world_size)
         local = encode_local(model, tokenizer, eval_loader(ds, batch_size, workers), device, batch_size,
-                             progress=progress and rank == 0, desc="zeroshot")
+                             progress=progress and rank == 0, desc="zeroshot",
+                             total=expected_samples(data, "test", max_samples, rank, world_size))
     enc = gather_encoded(local, world_size)
     if not enc["index"]:
         raise ValueError(f"no evaluable samples in {data!r}: {len(enc['skipped'])} read, all skipped "

@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr if not args.dry_run else sys.stdout, flush=True)
 
     try:
-        export(args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
-               verify=not args.no_verify, push_to_hub=args.push_to_hub, private=args.private,
-               revision=args.revision, commit_message=args.commit_message, dry_run=args.dry_run, log=log)
+        result = export(args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype,
+                        overwrite=args.overwrite, verify=not args.no_verify, push_to_hub=args.push_to_hub,
+                        private=args.private, revision=args.revision, commit_message=args.commit_message,
+                        dry_run=args.dry_run, log=log)
     except (ExportError, CheckpointNotFound, ConfigError) as e:
         print(f"vlp export: {e}", file=sys.stderr)
         return EXIT_USER
@@ -66,7 +67,25 @@ def run(args: argparse.Namespace) -> int:
     except VerificationError as e:
         print(f"vlp export: verification failed, nothing written to {args.out}: {e}", file=sys.stderr)
         return EXIT_FAILED
+    _summary(result, args)
     return 0
+
+
+def _summary(result, args) -> None:
+    from vlp.console import summary
+    from vlp.export.hub import files_to_upload, human_size
+
+    files = files_to_upload(result.out)
+    summary("vlp export: done", [
+        ("checkpoint", f"step {result.step} of {args.checkpoint}"),
+        ("layout", f"{result.format}, {result.dtype} weights"),
+        ("verified", f"reloaded and matched the trained model (max abs diff {max(result.verified.values()):.2g})"
+         if result.verified else "not verified (--no-verify)"),
+        ("files", f"{len(files)} ({human_size(sum(s for _, s in files))}), model card README.md"
+                  + (" with its figures in images/" if any(p.startswith("images/") for p, _ in files) else "")),
+        ("out", result.out),
+        ("Hub", getattr(result, "commit_url", None)),
+    ])
 
 
 def register(subparsers) -> None:

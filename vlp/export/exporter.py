@@ -40,6 +40,7 @@ class ExportResult:
     verified: Dict[str, float] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)
     commit_url: Optional[str] = None
+    dtype: str = ""
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -197,7 +198,7 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
         raise
 
     files = [p for p, _ in files_to_upload(out)]
-    result = ExportResult(out, fmt, ckpt.step, files, verified, info)
+    result = ExportResult(out, fmt, ckpt.step, files, verified, info, dtype=dtype)
     total = sum(s for _, s in files_to_upload(out))
     log(f"vlp export: wrote {len(files)} files ({human_size(total)}) to {out}"
         + (f"; reloaded and matched the trained model (max abs diff {max(verified.values()):.2g})" if verified else ""))

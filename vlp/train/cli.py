@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
 from typing import Callable, List, Optional
 
@@ -57,6 +58,7 @@ def worker_main(config: str, overrides: List[str], make_loader: Optional[Callabl
     from vlp.train.loop import NonFiniteLossError, train
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    t0 = time.time()
     try:
         result = train(cfg, make_loader)  # validates and checks the shards before any work
     except ConfigError as e:
@@ -83,9 +85,28 @@ def worker_main(config: str, overrides: List[str], make_loader: Optional[Callabl
                   f"{result.checkpoint}. Run the same command again to resume.", file=sys.stderr)
         return 128 + int(result.stopped_by)
     if rank == "0":
-        print(f"vlp train: done, step {result.step}, loss {result.last.get('loss', float('nan')):.4f}; "
-              f"checkpoint {result.checkpoint}", file=sys.stderr)
+        _summary(cfg, result, time.time() - t0)
     return 0
+
+
+def _summary(cfg, result, seconds: float) -> None:
+    """The end-of-run block: steps, loss, speed, held-out recall, where the files are."""
+    from vlp.console import duration, summary
+
+    last, out = result.last, cfg.output_dir
+    curves = os.path.join(out, "curves.png")
+    summary("vlp train: done", [
+        ("steps", f"{result.step} of {cfg.train.steps} ({result.samples_seen:,} samples) in {duration(seconds)}"),
+        ("loss", f"{last['loss']:.4f}" if "loss" in last else None),
+        ("speed", f"{last['samples_per_s']:.1f} samples/s" + (f", MFU {100 * last['mfu']:.1f}%" if "mfu" in last else "")
+         if "samples_per_s" in last else None),
+        ("held-out", f"mean recall {100 * last['eval/mean_recall']:.1f}" if "eval/mean_recall" in last else None),
+        ("run", out),
+        ("checkpoint", result.checkpoint),
+        ("curves", curves if os.path.isfile(curves) else None),
+        ("next", f"vlp eval retrieval --checkpoint {out} --data DATA --out {out}/eval/DATA.json --report "
+                 f"{out}/eval/DATA.png"),
+    ])
 
 
 def train_command(config: str, overrides: List[str], nproc: int, master_port: Optional[int] = None) -> List[str]:
