@@ -185,8 +185,9 @@ def test_dry_run_lists_files_with_sizes_and_sends_nothing(run, hub, online, tmp_
     res = export(run, "open_clip", str(tmp_path / "exp"), push_to_hub="my-org/tiny-clip", dry_run=True,
                  endpoint=url, log=lines.append)
     listing = "\n".join(lines)
-    assert "would upload 3 files" in listing and "my-org/tiny-clip@main (public)" in listing
-    for name in ("README.md", "open_clip_config.json", "open_clip_model.safetensors"):
+    assert "would upload 4 files" in listing and "my-org/tiny-clip@main (public)" in listing
+    for name in ("README.md", "open_clip_config.json", "open_clip_model.safetensors",
+                 "images/training_curves.png"):
         assert re.search(rf"\d+(\.\d)? (B|KB|MB)\s+{re.escape(name)}", listing), name
     assert server.requests == [] and res.commit_url is None
     assert os.path.isfile(os.path.join(res.out, "open_clip_model.safetensors"))
