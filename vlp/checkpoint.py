@@ -12,8 +12,9 @@ Layout under `output_dir/checkpoints/`:
 DeepSpeed keeps no RNG state and, under ZeRO 0-2, gives every rank rank 0's `client_state`, so
 per-rank state lives in our own files. Training writes (`save`, `prune`) and resumes (`find_resume`,
 `load`); evaluation, export and `model.init_from` find a checkpoint (`find_checkpoint`), read its
-config (`checkpoint_config`) and consolidate its weights whatever the ZeRO stage and world size
-(`consolidated_state_dict`).
+config (`checkpoint_config`) and consolidate its fp32 master weights whatever the precision, ZeRO
+stage and world size (`consolidated_state_dict`). Without ZeRO, DeepSpeed saves fp16/bf16 runs' fp32
+masters unnamed, so `save` records their names in its client state (`MASTER_NAMES`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch
 
 from vlp.config import ConfigError, from_dict
 from vlp.dist import all_reduce_sum, barrier, gather_objects
+from vlp.models import build_model, param_groups
 
 log = logging.getLogger(__name__)
 CHECKPOINTS, LATEST, STATE_FILE, CONFIG_FILE = "checkpoints", "latest", "vlp_state.json", "config.yaml"
@@ -224,7 +226,8 @@ def save(engine, output_dir: str, step: int, samples_seen: int, loader_state: An
         if os.path.isdir(path):  # a leftover from a run that died while saving this step
             shutil.rmtree(path)
     barrier()
-    engine.save_checkpoint(root, tag=tag, client_state={"vlp_step": step}, save_latest=False)
+    engine.save_checkpoint(root, tag=tag, client_state={"vlp_step": step, **_master_names(engine)},
+                           save_latest=False)
     torch.save({"rank": rank, "loader": loader_state, "rng": rng_state()},
                os.path.join(path, f"vlp_rank{rank}.pt.tmp"))
     os.replace(os.path.join(path, f"vlp_rank{rank}.pt.tmp"), os.path.join(path, f"vlp_rank{rank}.pt"))
@@ -385,14 +388,124 @@ def checkpoint_config(ckpt: Checkpoint):
     return from_dict(data)
 
 
-def consolidated_state_dict(ckpt_dir: str) -> Dict[str, torch.Tensor]:
-    """One fp32 state dict: ZeRO 1-3 (any world size) through DeepSpeed's `zero_to_fp32`; stage 0
-    from the module dict DeepSpeed saved whole (`mp_rank_00_model_states.pt`)."""
-    if glob.glob(os.path.join(ckpt_dir, "*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+MASTER_NAMES = "vlp_fp32_master_names"  # client-state key: names of DeepSpeed's unnamed fp32 master copies
+_ZERO_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 
-        with contextlib.redirect_stdout(sys.stderr):  # its progress prints must not mix with our output
-            sd = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ckpt_dir), tag=os.path.basename(ckpt_dir))
+
+def _master_names(engine) -> Dict[str, Any]:
+    """Client state naming the fp32 master weights when DeepSpeed stores them unnamed: fp16/bf16 without
+    ZeRO (its FP16_UnfusedOptimizer saves `fp32_groups`, lists of tensors per parameter group, in
+    `mp_rank_00_model_states.pt`, while the module's own weights there are rounded to 16 bits)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+        return {}
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return {MASTER_NAMES: [[names[id(p)] for p in group] for group in engine.optimizer.fp16_groups]}
+
+
+def _load_deepspeed_file(path: str) -> Dict[str, Any]:
+    """A DeepSpeed optimizer file: it pickles DeepSpeed's own classes (loss scaler, fragment addresses), so
+    it is read as DeepSpeed's `zero_to_fp32` reads it (not `weights_only`), memory-mapped."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _zero_rank(path: str) -> int:
+    return int(_ZERO_RANK.search(os.path.basename(path)).group(1))
+
+
+def _masters_from_config(ckpt_dir: str) -> List[List[str]]:
+    """The parameter names of the optimizer's groups, rebuilt as training built them (the model from the
+    checkpoint's config, `param_groups`): for checkpoints written before vlp recorded MASTER_NAMES."""
+    cfg = checkpoint_config(find_checkpoint(ckpt_dir))
+    model = build_model(cfg.model, pretrained=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, float(cfg.train.weight_decay))]
+
+
+def _unfused_masters(ckpt_dir: str, path: str, states: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The module dict of a fp16/bf16 checkpoint without ZeRO with its 16-bit parameters replaced by the
+    optimizer's fp32 masters (`fp32_groups`), named by MASTER_NAMES. Older checkpoints lack the names: the
+    parameter groups are rebuilt from the config, and then each master must also round to its saved 16-bit
+    weight (a check that the groups line up, not only their shapes)."""
+    sd = dict(states["module"])
+    groups = states["optimizer"]["fp32_groups"]
+    recorded = states.get(MASTER_NAMES)
+    names = recorded or _masters_from_config(ckpt_dir)
+
+    def mismatch() -> Optional[str]:
+        if [len(g) for g in names] != [len(g) for g in groups]:
+            return f"{[len(g) for g in groups]} masters per group for {[len(g) for g in names]} parameters"
+        for name, master in zip((n for g in names for n in g), (m for g in groups for m in g)):
+            low = sd.get(name)
+            if low is None or low.shape != master.shape or (
+                    not recorded and not torch.equal(master.to(low.dtype), low)):
+                return f"parameter {name} differs"
+        return None
+
+    bad = mismatch()
+    if bad:
+        how = ("the names recorded with them" if recorded else
+               "the parameter groups of the model built from its config.yaml (the checkpoint predates vlp "
+               "recording their names)")
+        raise CheckpointError(
+            f"{path}: its fp32 master weights (DeepSpeed's fp16/bf16 optimizer without ZeRO) do not line up with "
+            f"{how}: {bad}. Exporting its 16-bit weights instead would lose precision; resume the run for one "
+            "step with this vlp (it then records the names) and use that checkpoint")
+    sd.update(zip((n for g in names for n in g), (m for g in groups for m in g)))
+    return sd
+
+
+def _bf16_optimizer_masters(ckpt_dir: str, files: List[str]) -> Dict[str, torch.Tensor]:
+    """DeepSpeed's BF16_Optimizer (bf16 with ZeRO-1-like partitioned fp32 masters, used e.g. with
+    `data_types.grad_accum_dtype: fp32`) writes `bf16_zero_pp_rank_*` files that `zero_to_fp32` rejects
+    (no ZeRO stage in them). Each rank's file holds its flat fp32 partition per group and the fragment of
+    each parameter in it (`param_slice_mappings`): the fragments in rank order are the parameter."""
+    model_file = os.path.join(ckpt_dir, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(model_file):
+        raise CheckpointError(f"{ckpt_dir}: BF16_Optimizer files ({os.path.basename(files[0])}) without "
+                              "mp_rank_00_model_states.pt: the checkpoint is incomplete")
+    states = torch.load(model_file, map_location="cpu", weights_only=True)
+    parts = [_load_deepspeed_file(f)["optimizer_state_dict"] for f in sorted(files, key=_zero_rank)]
+    counts = parts[0]["partition_count"]
+    world = max(counts) if isinstance(counts, (list, tuple)) else int(counts)
+    if world != len(files):
+        raise CheckpointError(f"{ckpt_dir}: {len(files)} BF16_Optimizer files for {world} ranks: the checkpoint "
+                              "is incomplete")
+    pieces: Dict[str, List[torch.Tensor]] = {}
+    for part in parts:
+        for flat, mapping in zip(part["single_partition_of_fp32_groups"], part["param_slice_mappings"]):
+            for name, frag in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
+    sd = dict(states["module"])  # buffers and frozen parameters
+    for group in states["param_shapes"]:
+        for name, shape in group.items():
+            full = torch.cat(pieces.get(name, [torch.empty(0)]))
+            if full.numel() != torch.Size(shape).numel():
+                raise CheckpointError(f"{files[0]}: the fp32 fragments of {name} hold {full.numel()} values, its "
+                                      f"shape {tuple(shape)} needs {torch.Size(shape).numel()}")
+            sd[name] = full.view(shape)
+    return sd
+
+
+def consolidated_state_dict(ckpt_dir: str) -> Dict[str, torch.Tensor]:
+    """One fp32 state dict of the fp32 master weights, whatever the precision and ZeRO stage: ZeRO 1-3
+    (`zero_pp_rank_*` / `bf16_zero_pp_rank_*` files, any world size) through DeepSpeed's `zero_to_fp32`;
+    DeepSpeed's BF16_Optimizer files from their fp32 fragments; stage 0 from the module dict DeepSpeed saved
+    whole (`mp_rank_00_model_states.pt`), whose parameters are 16-bit in fp16/bf16 runs: then the
+    optimizer's fp32 masters saved beside them replace them. Frozen parameters and buffers are what the
+    module held (DeepSpeed keeps no fp32 copy of frozen parameters)."""
+    optim = glob.glob(os.path.join(ckpt_dir, "*zero_pp_rank_*_optim_states.pt"))
+    if optim:
+        first = _load_deepspeed_file(optim[0]).get("optimizer_state_dict", {})
+        if "zero_stage" not in first and "param_slice_mappings" in first:
+            sd = _bf16_optimizer_masters(ckpt_dir, optim)
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            with contextlib.redirect_stdout(sys.stderr):  # its progress prints must not mix with our output
+                sd = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ckpt_dir),
+                                                              tag=os.path.basename(ckpt_dir))
     else:
         files = sorted(glob.glob(os.path.join(ckpt_dir, "mp_rank_*_model_states.pt")))
         if not files:
@@ -400,11 +513,21 @@ def consolidated_state_dict(ckpt_dir: str) -> Dict[str, torch.Tensor]:
         if len(files) > 1:
             raise NotImplementedError(f"{ckpt_dir}: {len(files)} model-parallel shards; export supports data "
                                       "parallelism (with any ZeRO stage) only")
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]  # tensors and plain data only
+        states = torch.load(files[0], map_location="cpu", weights_only=True)  # tensors and plain data only
+        opt = states.get("optimizer")
+        if isinstance(opt, dict) and "fp32_groups" in opt:
+            sd = _unfused_masters(ckpt_dir, files[0], states)
+        elif isinstance(opt, dict) and "fp32_groups_flat" in opt:
+            raise CheckpointError(
+                f"{files[0]}: the fp32 master weights of DeepSpeed's fused FP16_Optimizer (DeepSpeed's FusedAdam) "
+                "are stored flat and unnamed: vlp cannot tell which is which. Export needs the fp32 masters; train "
+                "with vlp's optimizer (torch AdamW) or with ZeRO (train.zero_stage >= 1)")
+        else:
+            sd = states["module"]  # fp32 training: the module's weights are the masters
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 
 
 __all__ = ["CheckpointError", "CheckpointNotFound", "Checkpoint", "write_atomic", "find_resume", "save", "load",
            "prune", "complete_checkpoints", "RunLock", "check_run_dir", "fsync_tree", "step_tag", "step_of",
            "rng_state", "set_rng_state", "find_checkpoint", "checkpoint_config", "consolidated_state_dict",
-           "CHECKPOINTS", "LATEST", "STATE_FILE", "CONFIG_FILE"]
+           "CHECKPOINTS", "LATEST", "STATE_FILE", "CONFIG_FILE", "MASTER_NAMES"]
