@@ -59,11 +59,21 @@ def _convert(args: argparse.Namespace) -> int:
                     split=args.split, samples_per_shard=args.samples_per_shard,
                     max_shard_bytes=args.max_shard_bytes, resize_max=args.resize_max, workers=args.workers,
                     prefix=args.prefix, min_size=args.min_size, timeout=args.timeout,
-                    overwrite=args.overwrite, progress=not args.json)
+                    overwrite=args.overwrite, progress=not args.json, max_image_bytes=args.max_image_bytes,
+                    retries=args.retries)
     skipped = ", ".join(f"{k}={v}" for k, v in stats["skipped"].items() if v) or "none"
-    _emit(stats, args.json, f"{stats['format']}: wrote {stats['written']} samples in {len(stats['shards'])} "
-          f"shard(s), {stats['total_bytes'] / 1e6:.1f} MB, to {args.out}; skipped: {skipped}\n"
-          f"details: {args.out}/stats.json")
+    if args.json:
+        _emit(stats, True, "")
+    else:
+        from vlp.console import summary
+        summary("vlp data convert: done", [
+            ("source", f"{stats['format']}: {args.src}"),
+            ("written", f"{stats['written']} samples in {len(stats['shards'])} shard(s), "
+                        f"{stats['total_bytes'] / 1e6:.1f} MB"),
+            ("skipped", skipped),
+            ("shards", args.out),
+            ("details", f"{args.out}/stats.json (skipped_examples name each skipped sample)"),
+            ("next", f"vlp data inspect {args.out} --out {args.out}/contact.png")])
     if stats["written"] == 0:
         print("vlp data convert: warning: no sample was written; see skipped_examples in stats.json",
               file=sys.stderr)
@@ -150,8 +160,9 @@ written, skips per reason and the shard list. The format is detected from SRC:
   img2dataset  a directory of NNNNN.tar (+ .parquet, _stats.json): every sample re-validated and
                re-sharded; failed downloads listed in the parquet are counted as download_failed
 Skip reasons: missing_caption, empty_caption, duplicate_key, missing_image, unreadable_image,
-too_small, download_failed. Keys are sanitised (letters, digits, '_' and '-' only: webdataset
-splits a key at its first dot) and kept unique. Images pass through unchanged unless larger than
+too_small, download_failed, download_too_large. URL downloads are retried on HTTP 429 and 5xx
+(--retries, waiting 1, 2, 4 ... s) and stop at --max-image-bytes. Keys are sanitised (letters,
+digits, '_' and '-' only: webdataset splits a key at its first dot) and kept unique. Images pass through unchanged unless larger than
 --resize-max or not JPEG/PNG/WebP; those are re-encoded once as JPEG quality 95.""")
     p.add_argument("src", metavar="SRC", help="image folder, table file, COCO/Karpathy JSON or img2dataset folder")
     p.add_argument("out", metavar="OUT", help="output directory for the shards and stats.json")
@@ -179,7 +190,12 @@ splits a key at its first dot) and kept unique. Images pass through unchanged un
     p.add_argument("--workers", type=int, default=1,
                    help="processes that read/fetch/resize images; output order does not depend on it (default: 1)")
     p.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-000000.tar (default: shard)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per URL download (default: 10)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds a URL download may wait for data before it fails (default: 10)")
+    p.add_argument("--max-image-bytes", default="50MB",
+                   help="skip URL images larger than this as download_too_large, e.g. 20MB; 0: no cap (default: 50MB)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="retries of a URL answered with HTTP 429 or 5xx, 1, 2, 4 ... s apart (default: 3)")
     p.add_argument("--overwrite", action="store_true", help="replace shards and stats.json in a non-empty OUT")
     p.add_argument("--json", action="store_true", help="print stats as JSON (and no progress bar)")
     p.set_defaults(func=_convert)

@@ -20,12 +20,12 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 from data_pipelines import sources
-from data_pipelines.images import Loaded, Record, load_image
+from data_pipelines.images import MAX_IMAGE_BYTES, Loaded, Record, load_image
 from data_pipelines.shardspec import InputError
 from data_pipelines.shards import ShardWriter, prepare_out_dir, write_json_atomic
 
 REASONS = ("missing_caption", "empty_caption", "duplicate_key", "missing_image", "unreadable_image",
-           "too_small", "download_failed")
+           "too_small", "download_failed", "download_too_large")
 MAX_KEY_LEN = 80
 _EXAMPLES_PER_REASON = 5
 
@@ -110,12 +110,18 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
             images_dir: Optional[str] = None, all_captions: bool = False, split: str = "train",
             samples_per_shard: int = 1000, max_shard_bytes=0, resize_max: int = 0, workers: int = 1,
             prefix: str = "shard", min_size: int = 0, timeout: float = 10.0, overwrite: bool = False,
-            progress: bool = True) -> Dict:
-    """Convert SRC into shards in OUT; returns the stats also written to OUT/stats.json."""
+            progress: bool = True, max_image_bytes=MAX_IMAGE_BYTES, retries: int = 3,
+            retry_backoff: float = 1.0) -> Dict:
+    """Convert SRC into shards in OUT; returns the stats also written to OUT/stats.json. URL downloads: at
+    most `max_image_bytes` each, retried `retries` times on HTTP 429/5xx, `retry_backoff` x 1, 2, 4 ... s apart."""
     max_shard_bytes = parse_bytes(max_shard_bytes)
-    for name, val in (("--resize-max", resize_max), ("--min-size", min_size)):
+    max_image_bytes = parse_bytes(max_image_bytes)
+    for name, val in (("--resize-max", resize_max), ("--min-size", min_size), ("--retries", retries),
+                      ("--max-image-bytes", max_image_bytes), ("retry_backoff", retry_backoff)):
         if val < 0:
             raise InputError(f"{name} must be >= 0, got {val}")
+    if timeout <= 0:
+        raise InputError(f"--timeout must be > 0 seconds, got {timeout}")
     if samples_per_shard <= 0:
         raise InputError(f"--samples-per-shard must be > 0, got {samples_per_shard}")
     fmt, records = read_source(src, fmt, image_col, caption_col, key_col, images_dir, all_captions, split)
@@ -154,7 +160,8 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
     if fmt == "img2dataset":
         skipped["download_failed"] += sources.img2dataset_failures(src)
 
-    load = functools.partial(load_image, resize_max=resize_max, min_size=min_size, timeout=timeout)
+    load = functools.partial(load_image, resize_max=resize_max, min_size=min_size, timeout=timeout,
+                             max_bytes=max_image_bytes, retries=retries, backoff=retry_backoff)
     used_keys: set = set()
     written = resized = 0
     start = time.time()
@@ -183,7 +190,8 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
         "elapsed_s": round(elapsed, 3), "samples_per_s": round(written / elapsed, 1) if elapsed > 0 else None,
         "options": {"prefix": prefix, "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
                     "resize_max": resize_max, "min_size": min_size, "all_captions": all_captions,
-                    "split": split if fmt == "karpathy" else None, "workers": workers},
+                    "split": split if fmt == "karpathy" else None, "workers": workers,
+                    "max_image_bytes": max_image_bytes, "retries": retries, "timeout": timeout},
     }
     write_json_atomic(os.path.join(out, "stats.json"), stats)
     return stats

@@ -1,5 +1,9 @@
 """Fetch, validate and (optionally) shrink one image for the converters; runs in worker processes.
 
+URL downloads (`vlp.data.remote`) stop at `max_bytes` (skip reason download_too_large), are retried
+with exponential backoff on HTTP 429 and 5xx (`retries` times, then download_failed), and fail when
+the server sends nothing for `timeout` seconds.
+
 An image passes through byte-for-byte unless it must change: larger than `resize_max`, or in a
 form the training loader may not read (not JPEG/PNG/WebP, or a CMYK JPEG). Then it is re-encoded
 once as RGB JPEG quality 95 (EXIF orientation applied, transparency flattened onto white).
@@ -7,14 +11,16 @@ once as RGB JPEG quality 95 (EXIF orientation applied, transparency flattened on
 from __future__ import annotations
 
 import io
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 from PIL import Image, ImageOps
 
+from vlp.data.remote import TooLarge, read_url
+
 PASS_THROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 USER_AGENT = "vlp-data-convert/0.1"
+MAX_IMAGE_BYTES = 50_000_000  # default cap of one URL download (--max-image-bytes)
 
 
 @dataclass
@@ -46,13 +52,12 @@ class Loaded:
     resized: bool = False
 
 
-def _fetch(rec: Record, timeout: float) -> bytes:
+def _fetch(rec: Record, timeout: float, max_bytes: int, retries: int, backoff: float) -> bytes:
     if rec.data:
         return rec.data
     if rec.url:
-        req = urllib.request.Request(rec.url, headers={"User-Agent": USER_AGENT})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.read()
+        return read_url(rec.url, timeout, retries, backoff, max_bytes, setting="--timeout",
+                        cap_setting="--max-image-bytes", user_agent=USER_AGENT)
     with open(rec.path, "rb") as f:
         return f.read()
 
@@ -73,12 +78,17 @@ def _reencode(im: Image.Image, resize_max: int) -> Image.Image:
     return im
 
 
-def load_image(rec: Record, resize_max: int = 0, min_size: int = 0, timeout: float = 10.0) -> Loaded:
-    """Read and check the image of `rec`; never raises for bad data, returns a skip reason instead."""
+def load_image(rec: Record, resize_max: int = 0, min_size: int = 0, timeout: float = 10.0,
+               max_bytes: int = MAX_IMAGE_BYTES, retries: int = 3, backoff: float = 1.0) -> Loaded:
+    """Read and check the image of `rec`; never raises for bad data, returns a skip reason instead.
+    URL downloads: at most `max_bytes` (0: no cap), `retries` retries after 429/5xx, `backoff` x 1, 2, 4 ...
+    seconds apart."""
     try:
-        raw = _fetch(rec, timeout)
+        raw = _fetch(rec, timeout, max_bytes, retries, backoff)
     except FileNotFoundError as e:
         return Loaded(False, "missing_image", str(e))
+    except TooLarge as e:
+        return Loaded(False, "download_too_large", str(e))
     except Exception as e:  # HTTP errors, timeouts, resets, truncated bodies, bad URLs; unreadable files
         if rec.url:
             return Loaded(False, "download_failed", f"{type(e).__name__}: {e}")

@@ -3,6 +3,8 @@
 - Training joins through `deepspeed.init_distributed()` (gloo on CPU, nccl on GPU); a plain
   `python launch/pretrain.py` (no launcher) runs as a world of one. Signals only set a flag
   (`StopRequest`); ranks act on it together at the next step boundary, after an all-reduce.
+- Work one rank does for all (counting remote shards: `vlp.data`) runs on rank 0 and is broadcast
+  (`run_on_rank0`), its exception included, so no rank waits for an answer that never comes.
 - Evaluation runs as a world of one without a launcher; under `deepspeed --module vlp.eval`
   (`launcher_command`) every rank encodes its share and `gather_objects` brings the pieces together.
 - Losses that need the global batch all-gather with gradient (`gather_with_grad`), through
@@ -15,12 +17,13 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import signal
 import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -122,6 +125,34 @@ def gather_objects(obj: Any, world_size: Optional[int] = None) -> List[Any]:
     out: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def run_on_rank0(fn: Callable[[], Any]) -> Any:
+    """`fn()` run by rank 0 alone, its result (picklable) given to every rank; an exception it raises is
+    raised on every rank (rank 0: the original; the others: a copy, or a RuntimeError with its message),
+    so no rank is left waiting. Without a process group, or with one rank, just `fn()`. Every rank calls it.
+    The others wait in a broadcast: at most the group's timeout (train.dist_timeout_s)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: List[Any] = [None]
+    error: Optional[BaseException] = None
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except Exception as e:
+            error = e
+            try:
+                copy = pickle.loads(pickle.dumps(e))
+            except Exception:
+                copy = RuntimeError(f"{type(e).__name__}: {e}")
+            box = [("error", copy)]
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        if error is not None:
+            raise error
+        raise value
+    return value
 
 
 def barrier() -> None:

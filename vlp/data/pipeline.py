@@ -1,7 +1,9 @@
 """The training loader: shards -> shuffled, decoded, tokenised batch dicts. (Evaluation reads the same
 shards with the same reader and skip reasons in a fixed order: `vlp.eval.data`.)
 
-Stages, all inside each DataLoader worker: shard plan (`plan.py`: per-epoch shard shuffle and
+Shard sample counts are resolved once, on rank 0, and shared with the other ranks (remote shards
+without a stats.json are downloaded to count them: once, not once per rank). Stages, all inside each
+DataLoader worker: shard plan (`plan.py`: per-epoch shard shuffle and
 split) -> tar reading with webdataset (`shards.py`) -> weighted source mixing and the sample
 shuffle buffer on raw bytes (`stream.py`) -> decode + crop + resize (`transforms.py`) -> batch
 tokenisation and collate (`samples.py`). Workers build whole batches; the DataLoader takes them
@@ -45,7 +47,7 @@ from vlp.data.samples import SKIP_REASONS, collate, decode_sample, image_keys, p
 from vlp.data.shards import Shard, resolve_shards
 from vlp.data.stream import RawStream, SourceStream
 from vlp.data.transforms import ImageTransform, resolve_image_cfg
-from vlp.dist import ignore_stop_signals
+from vlp.dist import ignore_stop_signals, run_on_rank0
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -83,6 +85,7 @@ class _Spec:
     std: Sequence[float]
     tokenizer: Any
     max_corrupt_fraction: float
+    remote_timeout: float = 60.0  # seconds an http(s) shard read may wait for data
     train: bool = True
 
 
@@ -142,7 +145,7 @@ def _source_streams(spec: _Spec, epoch: int, worker: int, on_error) -> List[Sour
         else:
             def plan(p, counts=[s.samples for s in src.shards], i=i):
                 return epoch_ranges(counts, spec.seed, epoch, i, p, slot, spec.per_slot[i])
-        streams.append(SourceStream(i, src.shards, plan, on_error))
+        streams.append(SourceStream(i, src.shards, plan, on_error, timeout=spec.remote_timeout))
     return streams
 
 
@@ -232,8 +235,13 @@ class TrainLoader:
         specs = [data.train_shards] if not data.sources else [s.shards for s in data.sources]
         whats = ["data.train_shards"] if not data.sources else [f"data.sources[{i}].shards" for i in range(len(specs))]
         need_counts = not data.resampled or data.samples_per_epoch <= 0
-        for src, spec, what in zip(sources, specs, whats):
-            src.shards = resolve_shards(spec, what, counts=need_counts)
+        timeout = float(data.remote_timeout)
+        # rank 0 reads stats.json / counts the shards (a full download for remote ones without stats) and
+        # every rank takes its answer: identical counts everywhere, each shard fetched once, not once per rank
+        resolved = run_on_rank0(lambda: [resolve_shards(spec, what, counts=need_counts, timeout=timeout)
+                                         for spec, what in zip(specs, whats)])
+        for src, shards in zip(sources, resolved):
+            src.shards = shards
         totals = [sum(s.samples or 0 for s in src.shards) for src in sources]
         single_epoch = not data.resampled and len(sources) == 1
         per_slot = []
@@ -261,7 +269,7 @@ class TrainLoader:
             transform=ImageTransform(size["size"], True, tuple(data.crop_scale), data.interpolation, data.hflip,
                                      (data.randaugment.n, data.randaugment.m)),
             mean=size["mean"], std=size["std"], tokenizer=tokenizer,
-            max_corrupt_fraction=float(data.max_corrupt_fraction))
+            max_corrupt_fraction=float(data.max_corrupt_fraction), remote_timeout=timeout)
         self.batches_per_epoch = quota * slots
         self.epoch = 0
         self.consumed = 0  # batches handed out in this epoch

@@ -5,7 +5,12 @@ directory (all `*.tar` in it, sorted), a local path, or a URL webdataset's `gope
 (`http(s)://`, `pipe:cmd`, ...). Sample counts (needed for equal batch counts on every rank) come
 from a sibling `stats.json` written by `vlp data` (`{"shards": [{"name", "samples"}]}`) or
 img2dataset's `NNNNN_stats.json` (`successes`) when present, else from counting samples: a tar
-header scan for local files (no member data is read), a full download for remote ones.
+header scan for local files (no member data is read), a full download for remote ones. In a
+distributed run the training loader resolves them on rank 0 only and shares the result
+(`vlp.dist.run_on_rank0`), so each remote shard is downloaded for counting once, not once per rank.
+
+http(s) shards are read with urllib (`vlp.data.remote`): a read that gets no data for
+`data.remote_timeout` seconds fails naming the URL, and 429/5xx answers are retried with backoff.
 """
 from __future__ import annotations
 
@@ -16,8 +21,6 @@ import logging
 import os
 import re
 import tarfile
-import urllib.parse
-import urllib.request
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 from urllib.parse import urlparse
 
@@ -25,10 +28,13 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from vlp.config import ConfigError
+from vlp.data.remote import DEFAULT_TIMEOUT, RemoteTimeout, is_remote, open_url, read_url, redact
 
 log = logging.getLogger(__name__)
 
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members (tar_file_iterator)
+SHARD_RETRIES = 3  # http(s) answers 429/5xx: retries with backoff 1, 2, 4 s before the read fails
+TIMEOUT_SETTING = "data.remote_timeout (training)"
 
 
 class Shard(NamedTuple):
@@ -39,14 +45,7 @@ class Shard(NamedTuple):
 def public_spec(spec: str) -> str:
     """A shard spec fit to publish: URLs lose their userinfo (`user:token@`) and query string (signed-URL
     tokens); local paths and brace patterns stay as written."""
-    out = []
-    for part in str(spec).split("::"):
-        u = urllib.parse.urlsplit(part)
-        if u.scheme and u.netloc:
-            host = u.hostname or ""
-            part = urllib.parse.urlunsplit((u.scheme, host + (f":{u.port}" if u.port else ""), u.path, "", ""))
-        out.append(part)
-    return "::".join(out)
+    return "::".join(redact(part) for part in str(spec).split("::"))
 
 
 def is_local(url: str) -> bool:
@@ -78,14 +77,13 @@ def expand_shards(spec: str, what: str = "data.train_shards") -> List[str]:
     return urls
 
 
-def _stats_json(url: str) -> Optional[dict]:
+def _stats_json(url: str, timeout: float = DEFAULT_TIMEOUT) -> Optional[dict]:
     """The `stats.json` next to a shard, or None."""
     if is_local(url):
         path = os.path.join(os.path.dirname(local_path(url)), "stats.json")
         return _read_local_json(path)
-    if urlparse(url).scheme in ("http", "https"):
-        return _read_remote_json(url.rsplit("/", 1)[0] + "/stats.json")
-    return None
+    if is_remote(url):
+        return _read_remote_json(url.rsplit("/", 1)[0] + "/stats.json", timeout)
 
 
 def _read_local_json(path: str) -> Optional[dict]:
@@ -106,17 +104,20 @@ def _load_json(path: str, mtime_ns: int, size: int) -> Optional[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _read_remote_json(url: str) -> Optional[dict]:
+def _read_remote_json(url: str, timeout: float) -> Optional[dict]:
+    """A remote stats.json, or None when absent or unreadable (then shards are counted); a server that
+    stalls raises `RemoteTimeout`."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            return json.loads(r.read())
-    except Exception:  # absent or unreadable: fall back to counting
+        return json.loads(read_url(url, timeout, SHARD_RETRIES, setting=TIMEOUT_SETTING, max_bytes=1 << 28))
+    except RemoteTimeout:
+        raise
+    except Exception:  # absent (404) or unreadable: fall back to counting
         return None
 
 
-def _count_from_stats(url: str) -> Optional[int]:
+def _count_from_stats(url: str, timeout: float = DEFAULT_TIMEOUT) -> Optional[int]:
     name = url.rsplit("/", 1)[-1]
-    stats = _stats_json(url)
+    stats = _stats_json(url, timeout)
     if stats and isinstance(stats.get("shards"), list):
         for entry in stats["shards"]:
             if isinstance(entry, dict) and entry.get("name") == name and isinstance(entry.get("samples"), int):
@@ -158,26 +159,46 @@ def sample_offsets(path: str) -> Tuple[int, ...]:
     return _scan_local(path, st.st_size, st.st_mtime_ns)
 
 
-def count_samples(url: str) -> int:
-    """Samples in one shard: header scan for local files, a full read otherwise."""
+def count_samples(url: str, timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Samples in one shard: header scan for local files, a full read otherwise. A shard that cannot be
+    read raises (a remote one that stalls: `RemoteTimeout`, naming the URL); a truncated one counts its
+    complete samples, with a warning."""
     if is_local(url) and local_path(url).endswith(".tar"):
         return len(sample_offsets(local_path(url)))
-    log.warning("counting samples of %s by reading it (no stats.json next to it)", url)
-    return sum(1 for _ in read_shard(url, lambda *a: None))
+    log.warning("counting samples of %s by reading it (no stats.json next to it)", redact(url))
+    errors: List[Tuple[str, BaseException]] = []
+    n = sum(1 for _ in read_shard(url, lambda reason, _url, exn: errors.append((reason, exn)), timeout=timeout))
+    for reason, exn in errors:
+        if isinstance(exn, RemoteTimeout):
+            raise exn
+        if reason != "truncated_tar":
+            raise RuntimeError(f"counting the samples of shard {redact(url)}: {error_text(exn)}") from exn
+        log.warning("shard %s: %s; counted its %d complete samples", redact(url), error_text(exn), n)
+    return n
 
 
-def resolve_shards(spec: str, what: str = "data.train_shards", counts: bool = True) -> List[Shard]:
-    """Expanded shards with their sample counts (`counts=False`: only where stats give them)."""
+def resolve_shards(spec: str, what: str = "data.train_shards", counts: bool = True,
+                   timeout: float = DEFAULT_TIMEOUT) -> List[Shard]:
+    """Expanded shards with their sample counts (`counts=False`: only where stats give them).
+    `timeout`: seconds a remote read may wait for data (stats.json, counting)."""
     out = []
     for url in expand_shards(spec, what):
-        n = _count_from_stats(url)
+        n = _count_from_stats(url, timeout)
         if n is None and counts:
-            n = count_samples(url)
+            n = count_samples(url, timeout)
         out.append(Shard(url, n))
     return out
 
 
 # ------------------------------------------------------------------------------------- reading
+def error_text(exn: BaseException) -> str:
+    """The first line of an exception's message: its own `__str__` (HTTPError's), else its first argument
+    (webdataset appends its stream and URL to `args`)."""
+    plain = type(exn).__str__ in (BaseException.__str__, OSError.__str__)
+    first = exn.args[0] if plain and exn.args and isinstance(exn.args[0], str) else str(exn)
+    return f"{type(exn).__name__}: {(first.splitlines() or [''])[0][:300]}"
+
+
 def classify_error(exn: BaseException) -> str:
     """Skip reason for a shard read failure."""
     text = str(exn).lower()
@@ -211,19 +232,28 @@ class _EndCheck:
 _TAR_BLOCK = 512
 
 
+def open_shard(url: str, timeout: float = DEFAULT_TIMEOUT):
+    """A byte stream of one shard: http(s) through `vlp.data.remote` (stall timeout, retries on
+    429/5xx), anything else through webdataset's `gopen` (files, `pipe:`, ...)."""
+    if is_remote(url):
+        return open_url(url, timeout, SHARD_RETRIES, setting=TIMEOUT_SETTING)
+    return wds.gopen(url, "rb")
+
+
 def read_shard(url: str, on_error: Callable[[str, str, BaseException], None], start: int = 0,
-               end: Optional[int] = None) -> Iterator[Tuple[int, Dict]]:
+               end: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT) -> Iterator[Tuple[int, Dict]]:
     """Yield `(index, raw sample)` for samples `start <= index < end` of one shard, undecoded.
 
     Uses webdataset's tar expander and key grouping. A local uncompressed shard is entered at the
     header of sample `start` (seek, nothing skipped is read); others are streamed and skipped.
-    Read errors end the shard and are reported through `on_error(reason, url, exception)`.
+    Read errors end the shard and are reported through `on_error(reason, url, exception)`; a remote
+    read that gets no data for `timeout` seconds is one (`RemoteTimeout`, its message names the URL).
     """
     index = 0
     if end is not None and start >= end:
         return
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_shard(url, timeout)
         if start > 0 and is_local(url) and local_path(url).endswith(".tar"):
             offsets = sample_offsets(local_path(url))
             if start >= len(offsets):

@@ -10,13 +10,17 @@ the restored stream is identical to the uninterrupted one.
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from vlp.data.plan import Range
-from vlp.data.shards import Shard, read_shard
+from vlp.data.remote import DEFAULT_TIMEOUT, redact
+from vlp.data.shards import Shard, error_text, read_shard
+
+log = logging.getLogger(__name__)
 
 PASS_END = object()  # a source finished one pass over its plan
 Pos = Tuple[int, int, int, int]
@@ -27,8 +31,9 @@ class SourceStream:
     """Reads the ranges of pass 0, 1, 2, ... of one source; `pos` is the next (pass, range, offset)."""
 
     def __init__(self, index: int, shards: Sequence[Shard], plan: Callable[[int], List[Range]],
-                 on_error: OnError, pos: Sequence[int] = (0, 0, 0)):
+                 on_error: OnError, pos: Sequence[int] = (0, 0, 0), timeout: float = DEFAULT_TIMEOUT):
         self.index, self.shards, self.plan_fn, self.on_error = index, shards, plan, on_error
+        self.timeout = timeout  # seconds a remote read may wait for data
         self.pos = list(pos)
         self._plans: Dict[int, List[Range]] = {}
         self._gen = self._read()
@@ -39,6 +44,7 @@ class SourceStream:
         return self._plans[pass_]
 
     def _shard_error(self, reason: str, url: str, exn: BaseException) -> None:
+        log.warning("shard %s: %s, the rest of it skipped (%s)", redact(url), reason, error_text(exn))
         self.on_error(reason, url, 1)
 
     def _read(self):
@@ -53,7 +59,7 @@ class SourceStream:
             url = self.shards[shard_idx].url
             got = 0
             if end is None or start + off < end:
-                for k, sample in read_shard(url, self._shard_error, start + off, end):
+                for k, sample in read_shard(url, self._shard_error, start + off, end, self.timeout):
                     self.pos = [p, r, k - start + 1]
                     got += 1
                     yield (self.index, p, r, k - start), sample
@@ -74,7 +80,7 @@ class SourceStream:
             shard_idx, start, end = self.plan_fn(p)[r]
             need = set(offsets)
             for k, sample in read_shard(self.shards[shard_idx].url, self._shard_error,
-                                        start + min(need), start + max(need) + 1):
+                                        start + min(need), start + max(need) + 1, self.timeout):
                 if k - start in need:
                     found[(self.index, p, r, k - start)] = sample
         return found
