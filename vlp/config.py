@@ -2,11 +2,13 @@
 
 The schema is a tree of dataclasses read through OmegaConf's structured configs. Every field is
 typed and defaulted here; YAML files and dotted command-line overrides (`train.lr=3e-4`) are merged
-on top. An unknown key or a value of the wrong type raises `ConfigError` naming the key and, for
-unknown keys, the nearest valid one.
+on top; an override with a `!` before its key (`!model.vision.kwargs={depth: 2}`) replaces the whole
+node instead (a section: its schema defaults, then the given keys). An unknown key or a value of the
+wrong type raises `ConfigError` naming the key and, for unknown keys, the nearest valid one.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import warnings
@@ -70,6 +72,7 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     samples_per_epoch: int = 0  # resampled mode: how many samples make one "epoch"; 0: unknown
     max_corrupt_fraction: float = 0.1  # fail when more than this fraction of samples is corrupt
+    remote_timeout: float = 60.0  # http(s) shards: seconds a read may wait for data before it fails, naming the URL
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -100,7 +103,7 @@ class TowerConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     locked: bool = False  # freeze the tower (LiT)
     grad_checkpointing: bool = False
-    pool: str = ""  # hf towers only: "" (model's pooled output, else first token) | cls | mean
+    pool: str = ""  # hf towers only: "" (the model's pooled output, else [CLS]) | cls | mean; vision also pooled (README: Vision towers)
     frozen_llm: FrozenLLMConfig = field(default_factory=FrozenLLMConfig)  # vision timm towers only
     evit: EViTConfig = field(default_factory=EViTConfig)  # vision timm towers only
 
@@ -231,7 +234,7 @@ _CHOICES = {
     "data.interpolation": ("nearest", "bilinear", "bicubic", "area"),
     "model.vision.kind": ("timm", "hf", "open_clip"),
     "model.text.kind": ("hf", "open_clip"),
-    "model.vision.pool": ("", "cls", "mean"),
+    "model.vision.pool": ("", "pooled", "cls", "mean"),  # vlp.models.towers.hf.VISION_POOLS
     "model.text.pool": ("", "cls", "mean"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
@@ -275,8 +278,11 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
+REPLACE = "!"  # `!key=value`: the node at key becomes value (its schema default, then value) instead of a merge
+
+
 def parse_overrides(overrides: List[str]) -> DictConfig:
-    """`a.b=1` strings -> a config tree; values are parsed as YAML scalars/lists."""
+    """`a.b=1` strings -> a config tree; values are parsed as YAML scalars/lists/flow mappings."""
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
@@ -286,12 +292,54 @@ def parse_overrides(overrides: List[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
 
 
+def _reset(cfg: DictConfig, key: str) -> None:
+    """Put the node at `key` back to its schema default (a key inside a free-form dict: remove it)."""
+    missing = object()
+    if OmegaConf.select(cfg, key, default=missing) is missing:
+        return  # a new key inside a free-form dict, or an unknown key: the merge says which
+    default = OmegaConf.select(OmegaConf.structured(Config), key, default=missing)
+    if default is not missing:
+        OmegaConf.update(cfg, key, default, merge=False)
+        return
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    del node[leaf]
+
+
+def _replace(cfg: DictConfig, override: str, source: str) -> DictConfig:
+    """`!key=value`: reset the node at key, then merge value into it."""
+    body = override[len(REPLACE):]
+    key = body.split("=", 1)[0]
+    if "=" not in body or not key or key.startswith(REPLACE) or "[" in key or "" in key.split("."):
+        raise ConfigError(f"override {override!r} is not of the form {REPLACE}key.sub=value: '{REPLACE}' goes "
+                          f"before a dotted key, as in '{REPLACE}model.vision.kwargs={{depth: 2}}' (no [index]: "
+                          "replace the whole list)")
+    patch = parse_overrides([body])
+    _reset(cfg, key)
+    return _merge(cfg, patch, source)
+
+
+def apply_overrides(cfg: DictConfig, overrides: List[str], source: str = "command line") -> DictConfig:
+    """Apply `key=value` (merge into what is there) and `!key=value` (replace the node), left to right."""
+    cfg = copy.deepcopy(cfg)  # replacements reset nodes in place
+    run: List[str] = []  # consecutive plain overrides merge as one tree, as before `!` existed
+    for override in overrides:
+        if not override.startswith(REPLACE):
+            run.append(override)
+            continue
+        if run:
+            cfg, run = _merge(cfg, parse_overrides(run), source), []
+        cfg = _replace(cfg, override, source)
+    return _merge(cfg, parse_overrides(run), source) if run else cfg
+
+
 def _check_values(cfg: DictConfig) -> None:
     for key, choices in [*_CHOICES.items(), ("model.type", families())]:
         val = OmegaConf.select(cfg, key)
         if val not in choices:
             raise ConfigError(f"bad value for '{key}': {val!r}; valid: {', '.join(map(str, choices))}")
-    positive = ["train.steps", "train.micro_batch_size", "train.grad_accum", "data.tokenizer.context_length"]
+    positive = ["train.steps", "train.micro_batch_size", "train.grad_accum", "data.tokenizer.context_length",
+                "data.remote_timeout"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"bad value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
@@ -355,7 +403,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...)")
         cfg = _merge(cfg, data, path)
     if overrides:
-        cfg = _merge(cfg, parse_overrides(overrides), "command line")
+        cfg = apply_overrides(cfg, overrides)
     _check_values(cfg)
     return cfg
 
@@ -393,4 +441,4 @@ def schema_doc() -> List[tuple]:
     return rows
 
 
-__all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "schema_doc", "ListConfig"]
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict", "to_yaml", "schema_doc", "ListConfig"]
