@@ -188,9 +188,37 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: SIGINT/SIGTERM to the whole process group (Ctrl-C, SLURM's --signal,
     `docker stop`, DeepSpeed's launcher) must reach the rank, which saves and exits at the next step
     boundary; by default they killed the workers first and the rank died on "DataLoader worker killed
-    by signal" without a checkpoint. The workers end with the rank (the DataLoader shuts them down)."""
+    by signal" without a checkpoint. The workers end with the rank: the DataLoader shuts them down, and
+    `kill_workers_at_exit` kills any it left behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_KILL_AT_EXIT: List[bool] = []
+
+
+def kill_workers_at_exit() -> None:
+    """Make sure DataLoader workers cannot keep the rank alive at exit: they ignore SIGTERM
+    (`ignore_stop_signals`), and multiprocessing's own exit handler ends leftover daemonic workers
+    with SIGTERM and then waits for them, forever when one was still busy (a worker the loader had just
+    started for the next epoch when training ended). This handler, registered after multiprocessing's
+    and so run before it, SIGKILLs the children that are still alive: they only read shards. Idempotent;
+    call it in the process that creates the DataLoader."""
+    if _KILL_AT_EXIT:
+        return
+    _KILL_AT_EXIT.append(True)
+    import atexit
+    import multiprocessing
+
+    def kill() -> None:
+        for child in multiprocessing.active_children():
+            try:
+                child.kill()
+                child.join(timeout=5)
+            except Exception:  # exiting anyway: never let cleanup raise
+                pass
+
+    atexit.register(kill)
 
 
 def run_forwarding_signals(cmd: List[str]) -> int:

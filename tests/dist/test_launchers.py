@@ -103,3 +103,27 @@ def test_sigterm_to_the_launchers_process_group_saves_and_resumes(common, tmp_pa
                            cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
     assert f"resumed from {out / 'checkpoints' / latest} at step {state['step']}" in rerun.stderr + rerun.stdout
+
+
+EXIT_WITH_BUSY_WORKER = r"""
+import time, torch
+from torch.utils.data import IterableDataset
+from vlp.eval.data import eval_loader
+
+class Slow(IterableDataset):
+    def __iter__(self):
+        yield {"index": 0, "key": "a", "image": torch.zeros(3, 4, 4)}
+        time.sleep(600)  # busy when the process exits, like a worker started for the next epoch
+
+it = iter(eval_loader(Slow(), batch_size=1, workers=1))
+next(it)
+print("exiting", flush=True)
+"""
+
+
+def test_a_busy_dataloader_worker_does_not_keep_the_process_alive_at_exit():
+    """Workers ignore SIGTERM (stop signals are the rank's); at exit multiprocessing ends leftover workers
+    with SIGTERM and waits for them, which hung `vlp demo` after training. vlp kills them instead."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_BUSY_WORKER], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]

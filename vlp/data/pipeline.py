@@ -47,7 +47,7 @@ from vlp.data.samples import SKIP_REASONS, collate, decode_sample, image_keys, p
 from vlp.data.shards import Shard, resolve_shards
 from vlp.data.stream import RawStream, SourceStream
 from vlp.data.transforms import ImageTransform, resolve_image_cfg
-from vlp.dist import ignore_stop_signals, run_on_rank0
+from vlp.dist import ignore_stop_signals, kill_workers_at_exit, run_on_rank0
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -196,6 +196,8 @@ def _worker_init(worker_id):
 
 
 def _data_loader(dataset: IterableDataset, workers: int) -> DataLoader:
+    if workers:
+        kill_workers_at_exit()
     return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                       worker_init_fn=_worker_init if workers else None,
                       pin_memory=torch.cuda.is_available())

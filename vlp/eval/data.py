@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.shards import expand_shards, read_shard
-from vlp.dist import ignore_stop_signals
+from vlp.dist import ignore_stop_signals, kill_workers_at_exit
 
 IMAGE_KEYS = "jpg;jpeg;png;webp"
 CAPTION_KEY = "txt"
@@ -214,5 +214,7 @@ def eval_loader(dataset: EvalDataset, batch_size: int, workers: int = 0) -> Data
     """DataLoader over an EvalDataset; with workers, batches arrive in worker order (indices restore it)."""
     if batch_size <= 0:
         raise ValueError(f"batch size must be > 0, got {batch_size}")
+    if workers:
+        kill_workers_at_exit()
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                       persistent_workers=False, worker_init_fn=ignore_stop_signals if workers else None)
