@@ -369,6 +369,43 @@ def find_checkpoint(path: str, step: Optional[int] = None) -> Checkpoint:
     return Checkpoint(ckpt_dir, run_dir, state, int(state.get("step", m.group(1) if m else 0)))
 
 
+_RUN_ONLY = ("data.train_shards", "data.eval_shards", "data.sources", "train.", "eval.", "output_dir")
+
+
+def _resolved(conf, path: str) -> Dict[str, Any]:
+    """A stored config with its interpolations resolved, for building, evaluating and exporting the model.
+    Configs are stored with `${oc.env:VAR}` unresolved, so secrets stay in the environment. Here a string
+    read from the environment for a run-only setting (shards, train.*, eval.*, output_dir) becomes "":
+    nothing downstream needs it, and an export must not publish it. Elsewhere (model.*) it is resolved; an
+    unset variable there becomes "" with a warning naming the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    raw = OmegaConf.to_container(conf, resolve=False)
+    missing: List[str] = []
+
+    def walk(node: Any, key: str) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{key}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, str) and "${oc.env:" in node:
+            if key.startswith(_RUN_ONLY):
+                return ""
+            try:
+                return OmegaConf.to_container(OmegaConf.create({"v": node}), resolve=True)["v"]
+            except InterpolationResolutionError:
+                missing.append(key)
+                return ""
+        return node
+
+    data = OmegaConf.to_container(OmegaConf.create(walk(raw, "")), resolve=True)
+    if missing:
+        log.warning("%s: %s read from environment variables that are not set now; left empty", path,
+                    ", ".join(missing))
+    return data
+
+
 def checkpoint_config(ckpt: Checkpoint):
     """The validated run config stored with the checkpoint (its config.yaml, else the run's)."""
     from omegaconf import OmegaConf
@@ -378,7 +415,7 @@ def checkpoint_config(ckpt: Checkpoint):
         candidates.append(os.path.join(ckpt.run_dir, CONFIG_FILE))
     for cand in candidates:
         if os.path.isfile(cand):
-            data = OmegaConf.to_container(OmegaConf.load(cand), resolve=True)
+            data = _resolved(OmegaConf.load(cand), cand)
             break
     else:
         data = ckpt.state.get("config")

@@ -408,6 +408,42 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     return cfg
 
 
+def redact_url(url: str) -> str:
+    """A URL fit to print or persist: userinfo (`user:token@`) and query string (signed-URL tokens)
+    removed; anything that is not a URL with a host comes back unchanged."""
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    if not (u.scheme and u.netloc):
+        return url
+    host = (u.hostname or "") + (f":{u.port}" if u.port else "")
+    return urllib.parse.urlunsplit((u.scheme, host, u.path, "", ""))
+
+
+def _redact_value(value: Any) -> Any:
+    """Config values as persisted: interpolations (`${oc.env:TOKEN}`) stay as written, unresolved; URLs
+    (also inside '::'-joined shard specs) lose userinfo and query string."""
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, str) and "${" not in value and "://" in value:
+        return "::".join(redact_url(part) for part in value.split("::"))
+    return value
+
+
+def persisted_dict(cfg: DictConfig) -> Dict[str, Any]:
+    """The config as vlp writes it anywhere outside the process (run directory, checkpoints, Weights &
+    Biases, eval JSON, exports): `${oc.env:...}` interpolations unresolved, so a secret passed through the
+    environment never reaches a file, and credentials in URLs removed."""
+    return _redact_value(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+
+
+def persisted_yaml(cfg: DictConfig) -> str:
+    """`persisted_dict` as YAML (interpolations written as `${...}`)."""
+    return OmegaConf.to_yaml(OmegaConf.create(persisted_dict(cfg)))
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 

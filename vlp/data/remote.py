@@ -15,6 +15,8 @@ import urllib.parse
 import urllib.request
 from typing import Optional
 
+from vlp.config import redact_url
+
 DEFAULT_TIMEOUT = 60.0
 USER_AGENT = "vlp/0.1"
 MAX_RETRY_WAIT = 60.0
@@ -35,13 +37,7 @@ def is_remote(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme in ("http", "https")
 
 
-def redact(url: str) -> str:
-    """A URL fit to print: userinfo (`user:token@`) and query string (signed-URL tokens) removed."""
-    u = urllib.parse.urlsplit(url)
-    if not (u.scheme and u.netloc):
-        return url
-    host = (u.hostname or "") + (f":{u.port}" if u.port else "")
-    return urllib.parse.urlunsplit((u.scheme, host, u.path, "", ""))
+redact = redact_url  # vlp.config owns it: persisted configs redact with it too
 
 
 def _stalled(url: str, timeout: float, setting: str) -> RemoteTimeout:

@@ -109,12 +109,12 @@ def _relaunch(args, task: str) -> int:
 
 
 def _info(loaded) -> dict:
-    from vlp.config import to_dict
+    from vlp.config import persisted_dict
 
     info = dict(loaded.info)
     cfg = info.pop("config", None)
     return {"model": {**info, "image_cfg": {k: v for k, v in loaded.image_cfg.items()}},
-            "config": to_dict(cfg) if cfg is not None else None}
+            "config": persisted_dict(cfg) if cfg is not None else None}  # no credentials in the JSON
 
 
 def run_retrieval_cli(args) -> int:

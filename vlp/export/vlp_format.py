@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 import torch.nn as nn
 from omegaconf import OmegaConf
-from vlp.config import to_yaml
+from vlp.config import persisted_yaml
 from vlp.data.shards import public_spec
 from vlp.export.tokenizer_files import copy_for_vlp
 from vlp.export.weights import cast, save_state_dict
@@ -64,7 +64,7 @@ def write_vlp(model: nn.Module, cfg: Any, image_cfg: Dict[str, Any], out_dir: st
     cfg.data.mean, cfg.data.std = list(image_cfg["mean"]), list(image_cfg["std"])
     files = save_state_dict(cast(dict(model.state_dict()), dtype), out_dir, stem="model", max_shard_size=max_shard_size)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        f.write(to_yaml(cfg))
+        f.write(persisted_yaml(cfg))  # URL credentials removed (the shard specs above lose them entirely)
     meta = {"format": "vlp", "format_version": 1, "image_cfg": dict(image_cfg, mean=list(image_cfg["mean"]),
                                                                         std=list(image_cfg["std"])),
             "dtype": dtype, "weights": files, **provenance}

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from vlp import checkpoint as ckpt
-from vlp.config import ConfigError, to_dict, to_yaml
+from vlp.config import ConfigError, persisted_dict, persisted_yaml
 from vlp.data import build_train_loader
 from vlp.data.shards import expand_shards
 from vlp.data.tokenizers import build_tokenizer
@@ -172,8 +172,8 @@ def _warn_config_changes(checkpoint: str, cfg: DictConfig) -> None:
     path = os.path.join(checkpoint, "config.yaml")
     if not os.path.isfile(path):
         return
-    old = _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
-    new = _flat(to_dict(cfg))
+    old = _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False))  # both as persisted: unresolved
+    new = _flat(persisted_dict(cfg))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "train.resume")
     if changed:
         print(f"vlp train: warning: config differs from the checkpoint's in {', '.join(changed)}",
@@ -220,7 +220,7 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     precision = resolve_precision(t.precision)
     float_dtype = _DTYPES[precision]
     out_dir = cfg.output_dir
-    config_yaml = to_yaml(cfg)
+    config_yaml = persisted_yaml(cfg)  # env interpolations unresolved, URL credentials removed
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         ckpt.write_atomic(os.path.join(out_dir, "config.yaml"), config_yaml.encode())
@@ -263,7 +263,7 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     else:
         _seed_all(int(t.seed) + rank)  # per-rank streams for dropout and the like
 
-    wandb_cfg = {"project": t.wandb_project, "config": to_dict(cfg)} if t.wandb else None
+    wandb_cfg = {"project": t.wandb_project, "config": persisted_dict(cfg)} if t.wandb else None
     writer = MetricsWriter(out_dir, rank, step, t.tensorboard, wandb_cfg)
     result = TrainResult(step=step, samples_seen=samples_seen)
     try:
