@@ -165,7 +165,7 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
     used_keys: set = set()
     written = resized = 0
     start = time.time()
-    bar = _progress(progress)
+    bar = _progress(progress, _count_hint(src, fmt) if progress else None)
     with ShardWriter(out, prefix, samples_per_shard, max_shard_bytes) as writer:
         for rec, img in ordered_map(load, usable(records), workers):
             if not img.ok:
@@ -181,6 +181,8 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
                 bar.set_postfix(written=written, skipped=sum(skipped.values()), refresh=False)
         shards = writer.close()
     if bar is not None:
+        bar.total = bar.n  # the hint counts rows/files; samples skipped before loading never reach the bar
+        bar.refresh()
         bar.close()
     elapsed = time.time() - start
     stats = {
@@ -197,9 +199,27 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
     return stats
 
 
-def _progress(enabled: bool):
+def _count_hint(src: str, fmt: str) -> Optional[int]:
+    """How many records a source holds, when that is cheap to know: a Parquet file's metadata, a CSV/TSV's
+    line count, a folder's image files. For the progress bar's ETA only (None: no total)."""
+    try:
+        if fmt == "table" and src.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(src).metadata.num_rows)
+        if fmt == "table":
+            with open(src, "rb") as f:
+                return max(0, sum(1 for _ in f) - 1)
+        if fmt == "folder":
+            return sum(1 for _, _, files in os.walk(src) for n in files if n.lower().endswith(sources.IMAGE_EXTS))
+    except (OSError, ValueError, ImportError):
+        return None
+    return None
+
+
+def _progress(enabled: bool, total: Optional[int] = None):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(desc="convert", unit="sample", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(desc="convert", unit="sample", total=total or None, file=sys.stderr, dynamic_ncols=True)

@@ -344,3 +344,15 @@ def test_cli_convert(folder, tmp_path, capsys):
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
     rc = vlp_main(["data", "convert", str(tmp_path / "nowhere.csv"), str(tmp_path / "o2")])
     assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_cli_convert_ends_with_a_summary_and_a_bar_with_a_total(folder, tmp_path, capsys):
+    """Without --json: a progress bar that knows the folder's image count (so it shows an ETA) and a summary
+    block naming what was written, what was skipped and where the files are."""
+    out = tmp_path / "out"
+    assert vlp_main(["data", "convert", str(folder), str(out), "--min-size", "16"]) == 0
+    cap = capsys.readouterr()
+    n_images = sum(1 for p in folder.rglob("*") if p.suffix in (".jpg", ".png", ".bmp"))
+    assert f"/{n_images} [" in cap.err  # tqdm's "n/total [elapsed<remaining"
+    assert "── vlp data convert: done" in cap.out and "8 samples in 1 shard(s)" in cap.out
+    assert f"shards   {out}" in cap.out and "stats.json" in cap.out
