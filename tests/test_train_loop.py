@@ -281,3 +281,15 @@ def test_mfu_above_100_percent_warns_naming_the_likely_cause(tiny_yaml, synth_tr
     err = capfd.readouterr().err
     assert "vlp train: MFU against 0.001 GFLOP/s: train.peak_flops=1e+06 FLOP/s per device x 1" in err, err[-2000:]
     assert "is above 100%" in err and "train.peak_flops set too low" in err
+
+
+def test_log_keys_writes_each_steps_sample_keys(tiny_yaml, synth_train, tmp_path):
+    from vlp.train import train
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_yaml, synth_train, out, "train.steps=2", "train.log_keys=true"))
+    with open(out / "keys" / "rank0.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    mb = load_config(tiny_yaml).train.micro_batch_size
+    assert [r["step"] for r in recs] == [1, 2] and all(len(r["keys"]) == mb for r in recs)
+    assert len({k for r in recs for k in r["keys"]}) == 2 * mb  # no sample twice within the epoch

@@ -194,6 +194,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | path to a checkpoint directory
     tensorboard: bool = True
     curves: bool = True  # rank 0 draws output_dir/curves.png at checkpoints (at most once a minute) and at the end
+    log_keys: bool = False  # each rank appends each step's sample keys to output_dir/keys/rankR.jsonl (an audit)
     wandb: bool = False
     wandb_project: str = "vlp"  # Weights & Biases project (used when train.wandb=true)
     peak_flops: float = 0.0  # FLOP/s per device; 0: GPU data-sheet table, measured matmul peak on CPU

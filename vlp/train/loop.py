@@ -18,6 +18,7 @@ fp32 the losses after a resume equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -275,6 +276,16 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     return result
 
 
+def _log_keys(output_dir: str, rank: int, step: int, keys: List[List[str]]) -> None:
+    """`train.log_keys`: this rank's sample keys of `step`, one JSON line appended to keys/rank{rank}.jsonl.
+    After a resume the steps since the checkpoint are logged again: the last record of a step is the one
+    whose weights were kept (benchmarks/faults.py checks every sample is consumed once per epoch with it)."""
+    path = os.path.join(output_dir, "keys", f"rank{rank}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "keys": [k for ks in keys for k in ks]}) + "\n")
+
+
 CURVES_EVERY_S = 60.0  # curves.png at a checkpoint at most this often (a redraw takes ~2 s on a CPU core)
 
 
@@ -353,6 +364,8 @@ def _run(state: TrainState) -> TrainResult:
             engine.module.after_step()
         step += 1
         samples_seen += mb * ga * world
+        if t.log_keys:
+            _log_keys(cfg.output_dir, rank, step, keys)
         names = sorted(k for k in metrics[0] if k != "loss")
         per_micro = torch.stack([torch.stack([m["loss"]] + [m[k] for k in names]) for m in metrics]).cpu()
         finite = torch.isfinite(per_micro[:, 0]).tolist()
