@@ -71,3 +71,25 @@ def test_every_subcommand_is_in_the_readme_and_has_help():
         assert summary.strip(), f"{words}: no one-line help in its parent's `--help` (add_parser(help=...))"
         assert (parser.description or "").strip(), f"{words}: `--help` has no description (add_parser(description=...))"
         assert f"`{' '.join(words)}`" in text, words
+
+
+def test_readme_figures_exist_and_were_drawn_by_the_current_code():
+    """The demo figures in README are generated (`python -m vlp.docs --figures runs/demo runs/demo_albef`
+    after the two demos), stamped with a hash of the drawing code: changing that code without redrawing
+    them fails here."""
+    import re
+
+    from PIL import Image
+
+    from vlp.docs import figure_code_hash
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        links = re.findall(r"\]\((docs/images/[^)]+\.png)\)", f.read())
+    assert {"docs/images/demo_report.png", "docs/images/demo_curves.png", "docs/images/demo_albef_report.png",
+            "docs/images/demo_albef_curves.png"} <= set(links), links
+    for rel in links:
+        with Image.open(os.path.join(ROOT, rel)) as im:
+            assert im.text.get("vlp-figure-code") == figure_code_hash(), \
+                f"{rel} was drawn by older code: make demo; make demo MODEL=albef; " \
+                "python -m vlp.docs --figures runs/demo runs/demo_albef"
+            assert im.size[0] >= 1000

@@ -104,8 +104,76 @@ def render_readme(text: str) -> str:
     return _replace_block(text, CLI_START, CLI_END, cli_reference())
 
 
+FIGURE_SOURCES = ("vlp/plots.py", "vlp/eval/report.py")  # the code that draws the README's demo figures
+FIGURES_DIR = "docs/images"
+
+
+def figure_code_hash() -> str:
+    """A hash of the drawing code: the README's figures carry it, and tests/test_docs.py fails when the
+    code changed after they were drawn."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for rel in FIGURE_SOURCES:
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _stamp(path: str, code: str, run: str) -> None:
+    """Re-save a PNG with the drawing code's hash (and the run it shows) as text chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("vlp-figure-code", code)
+    info.add_text("vlp-figure-run", os.path.basename(os.path.normpath(run)))
+    tmp = path + ".tmp.png"
+    with Image.open(path) as im:
+        im.save(tmp, pnginfo=info, optimize=True)
+    os.replace(tmp, path)
+
+
+def draw_figures(runs: List[str], root: str) -> List[str]:
+    """Redraw the README's demo figures from demo run directories (`vlp demo` output: RUN/eval/retrieval.json,
+    RUN/metrics.jsonl, and the held-out shards the results name): DIR/demo_NAME_report.png and
+    DIR/demo_NAME_curves.png, NAME = the run directory's name."""
+    import json
+
+    from vlp.eval.report import write_report_png
+    from vlp.plots import draw_curves, read_evals, read_metrics
+
+    out_dir = os.path.join(root, FIGURES_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    code, written = figure_code_hash(), []
+    for run in runs:
+        name = os.path.basename(os.path.normpath(run))
+        with open(os.path.join(run, "eval", "retrieval.json")) as f:
+            result = json.load(f)
+        report = os.path.join(out_dir, f"{name}_report.png")
+        write_report_png(result, report, result["data"]["spec"])
+        curves = os.path.join(out_dir, f"{name}_curves.png")
+        draw_curves([(name, read_metrics(run))], curves, evals=[read_evals(run)])
+        for path in (report, curves):
+            _stamp(path, code, run)
+            written.append(path)
+    return written
+
+
 def main() -> int:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vlp.docs", description="Regenerate README's reference "
+                                     "blocks; with --figures, also its demo figures.")
+    parser.add_argument("--figures", nargs="+", metavar="RUN_DIR", default=None,
+                        help="demo run directories (e.g. runs/demo runs/demo_albef) to redraw docs/images from")
+    args = parser.parse_args()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if args.figures:
+        for path in draw_figures(args.figures, root):
+            print(f"drew {path}")
+    path = os.path.join(root, "README.md")
     with open(path) as f:
         text = f.read()
     new = render_readme(text)

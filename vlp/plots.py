@@ -166,6 +166,7 @@ def draw_curves(runs: Sequence[Run], out_png: str, title: Optional[str] = None,
                              label=f"{label} ({runs[i][0]})" if multi else label)
     if any(got_eval):
         ax_eval.set_ylabel("%")
+        ax_eval.set_ylim(0, 100)
     else:
         empty(ax_eval, "no in-training eval logged\n(set eval.every and data.eval_shards)")
 
