@@ -6,14 +6,17 @@
 - HTTP 429 and 5xx answers are retried `retries` times with exponential backoff (`backoff` x 1, 2, 4 ...
   seconds, or the server's Retry-After when longer, at most 60 s); the last answer's error is raised.
 - `read_capped` stops a download at `max_bytes` (announced by Content-Length or not) with `TooLarge`.
+- `headers` (credentials, e.g. a Hub token: `vlp.data.hub`) go to the URL's own origin only: a redirect to
+  another host (a CDN) does not carry them; `name` is the URL that messages show instead of `url`.
 """
 from __future__ import annotations
 
+import functools
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Optional
+from typing import Dict, Optional
 
 from vlp.config import redact_url
 
@@ -63,6 +66,31 @@ def retryable(code: int) -> bool:
     return code == 429 or 500 <= code <= 599
 
 
+def _origin(url: str) -> tuple:
+    u = urllib.parse.urlsplit(url)
+    return u.scheme, u.hostname, u.port
+
+
+class _OriginOnlyRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows redirects like urllib's own, re-sending the request's origin-only headers (set as
+    unredirected headers, which urllib never forwards) only when the redirect stays on that origin."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        origin, sent = getattr(req, "vlp_origin", None), getattr(req, "vlp_headers", {})
+        if new is not None and origin is not None:
+            new.vlp_origin, new.vlp_headers = origin, sent
+            if _origin(new.full_url) == origin:
+                for k, v in sent.items():
+                    new.add_unredirected_header(k, v)
+        return new
+
+
+@functools.lru_cache(maxsize=1)
+def _origin_only_opener() -> urllib.request.OpenerDirector:  # built on first use, like urlopen's own
+    return urllib.request.build_opener(_OriginOnlyRedirect)
+
+
 class RemoteStream:
     """The body of an http(s) answer; a read that waits longer than the timeout raises RemoteTimeout."""
 
@@ -88,13 +116,20 @@ class RemoteStream:
 
 
 def open_url(url: str, timeout: float = DEFAULT_TIMEOUT, retries: int = 0, backoff: float = 1.0,
-             setting: str = "the timeout", user_agent: str = USER_AGENT) -> RemoteStream:
+             setting: str = "the timeout", user_agent: str = USER_AGENT, headers: Optional[Dict[str, str]] = None,
+             name: Optional[str] = None) -> RemoteStream:
     """Open `url` for reading (see the module docstring); `setting` names the option that sets `timeout`
     in the timeout's message. HTTP errors other than retried ones raise `urllib.error.HTTPError`."""
     req = urllib.request.Request(url, headers={"User-Agent": user_agent})
+    urlopen = urllib.request.urlopen
+    if headers:
+        for k, v in headers.items():
+            req.add_unredirected_header(k, v)
+        req.vlp_origin, req.vlp_headers, urlopen = _origin(url), dict(req.unredirected_hdrs), _origin_only_opener().open
+    shown = name or url
     for attempt in range(retries + 1):
         try:
-            return RemoteStream(urllib.request.urlopen(req, timeout=timeout), url, timeout, setting)
+            return RemoteStream(urlopen(req, timeout=timeout), shown, timeout, setting)
         except urllib.error.HTTPError as e:
             if not retryable(e.code) or attempt == retries:
                 if attempt:
@@ -104,7 +139,7 @@ def open_url(url: str, timeout: float = DEFAULT_TIMEOUT, retries: int = 0, backo
             time.sleep(_retry_wait(e, attempt, backoff))
         except Exception as e:
             if _is_timeout(e):
-                raise _stalled(url, timeout, setting) from None
+                raise _stalled(shown, timeout, setting) from None
             raise
     raise AssertionError("unreachable")
 
@@ -129,10 +164,11 @@ def read_capped(stream, max_bytes: int, url: str, setting: str = "the size cap")
 
 def read_url(url: str, timeout: float = DEFAULT_TIMEOUT, retries: int = 0, backoff: float = 1.0,
              max_bytes: int = 0, setting: str = "the timeout", cap_setting: str = "the size cap",
-             user_agent: Optional[str] = None) -> bytes:
+             user_agent: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
+             name: Optional[str] = None) -> bytes:
     """The whole body of `url` (see `open_url` and `read_capped`)."""
-    with open_url(url, timeout, retries, backoff, setting, user_agent or USER_AGENT) as stream:
-        return read_capped(stream, max_bytes, url, cap_setting)
+    with open_url(url, timeout, retries, backoff, setting, user_agent or USER_AGENT, headers, name) as stream:
+        return read_capped(stream, max_bytes, name or url, cap_setting)
 
 
 __all__ = ["RemoteTimeout", "TooLarge", "RemoteStream", "open_url", "read_url", "read_capped", "redact",

@@ -1,8 +1,9 @@
 """Shard specs -> shard URLs with sample counts, and reading one shard (or a slice of it).
 
 A spec is a brace pattern (`data/shard-{000000..000099}.tar`), several specs joined by `::`, a
-directory (all `*.tar` in it, sorted), a local path, or a URL webdataset's `gopen` opens
-(`http(s)://`, `pipe:cmd`, ...). Sample counts (needed for equal batch counts on every rank) come
+directory (all `*.tar` in it, sorted), a local path, an `hf://` Hub path (`vlp.data.hub`: a file,
+brace pattern or directory in a Hub repo), or a URL webdataset's `gopen` opens (`http(s)://`,
+`pipe:cmd`, ...). Sample counts (needed for equal batch counts on every rank) come
 from a sibling `stats.json` written by `vlp data` (`{"shards": [{"name", "samples"}]}`) or
 img2dataset's `NNNNN_stats.json` (`successes`) when present, else from counting samples: a tar
 header scan for local files (no member data is read), a full download for remote ones. In a
@@ -11,6 +12,8 @@ distributed run the training loader resolves them on rank 0 only and shares the 
 
 http(s) shards are read with urllib (`vlp.data.remote`): a read that gets no data for
 `data.remote_timeout` seconds fails naming the URL, and 429/5xx answers are retried with backoff.
+hf:// shards are read the same way from the Hub's download URL, with huggingface_hub's token in a
+request header (never on a command line: webdataset's own hf:// opener, which runs curl, is not used).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from vlp.config import ConfigError
-from vlp.data.remote import DEFAULT_TIMEOUT, RemoteTimeout, is_remote, open_url, read_url, redact
+from vlp.data import hub
+from vlp.data.remote import DEFAULT_TIMEOUT, RemoteTimeout, is_remote, open_url, read_capped, redact
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,9 @@ def expand_shards(spec: str, what: str = "data.train_shards") -> List[str]:
                           "(dir/shard-{000000..000009}.tar), a '::'-joined list or URLs")
     urls: List[str] = []
     for url in wds.shardlists.expand_urls(spec.strip()):
+        if hub.is_hub(url):
+            urls.extend(hub.expand(url, what))
+            continue
         if is_local(url):
             path = local_path(url)
             if os.path.isdir(path):
@@ -82,7 +89,7 @@ def _stats_json(url: str, timeout: float = DEFAULT_TIMEOUT) -> Optional[dict]:
     if is_local(url):
         path = os.path.join(os.path.dirname(local_path(url)), "stats.json")
         return _read_local_json(path)
-    if is_remote(url):
+    if is_remote(url) or hub.is_hub(url):
         return _read_remote_json(url.rsplit("/", 1)[0] + "/stats.json", timeout)
 
 
@@ -105,10 +112,11 @@ def _load_json(path: str, mtime_ns: int, size: int) -> Optional[dict]:
 
 @functools.lru_cache(maxsize=None)
 def _read_remote_json(url: str, timeout: float) -> Optional[dict]:
-    """A remote stats.json, or None when absent or unreadable (then shards are counted); a server that
-    stalls raises `RemoteTimeout`."""
+    """A remote (http(s) or hf://) stats.json, or None when absent or unreadable (then shards are counted);
+    a server that stalls raises `RemoteTimeout`."""
     try:
-        return json.loads(read_url(url, timeout, SHARD_RETRIES, setting=TIMEOUT_SETTING, max_bytes=1 << 28))
+        with open_shard(url, timeout) as stream:
+            return json.loads(read_capped(stream, 1 << 28, url))
     except RemoteTimeout:
         raise
     except Exception:  # absent (404) or unreadable: fall back to counting
@@ -234,7 +242,10 @@ _TAR_BLOCK = 512
 
 def open_shard(url: str, timeout: float = DEFAULT_TIMEOUT):
     """A byte stream of one shard: http(s) through `vlp.data.remote` (stall timeout, retries on
-    429/5xx), anything else through webdataset's `gopen` (files, `pipe:`, ...)."""
+    429/5xx), hf:// the same way through `vlp.data.hub` (the token in a header, no subprocess), anything
+    else through webdataset's `gopen` (files, `pipe:`, ...)."""
+    if hub.is_hub(url):
+        return hub.open_file(url, timeout, SHARD_RETRIES, setting=TIMEOUT_SETTING)
     if is_remote(url):
         return open_url(url, timeout, SHARD_RETRIES, setting=TIMEOUT_SETTING)
     return wds.gopen(url, "rb")
