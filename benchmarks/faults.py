@@ -55,7 +55,7 @@ def _port() -> int:
 
 
 def _overrides(out: str, data: str, a) -> List[str]:
-    return [f"output_dir={out}", f"data.train_shards={data}", "data.eval_shards=", f"train.steps={a.steps}",
+    return [f"output_dir={out}", f"data.train_shards={data}", f"data.eval_shards={data}", f"train.steps={a.steps}",
             f"train.save_every={a.save_every}", "train.keep_last=2", "train.micro_batch_size=16",
             "train.warmup_steps=5", "train.log_every=1", "train.log_keys=true", "train.curves=false",
             "train.tensorboard=false", "data.workers=2", "data.shuffle_buffer=64", f"train.seed={a.seed}",
