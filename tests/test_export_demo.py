@@ -199,6 +199,11 @@ def test_model_cards_carry_metadata_training_facts_and_eval_results(exports):
         card = ModelCard.load(os.path.join(res.out, "README.md"))
         assert card.data.license == "apache-2.0" and card.data.library_name == libraries[fmt]
         assert card.data.pipeline_tag == "zero-shot-image-classification" and "clip" in card.data.tags
+        # Hub metadata: RUN/eval/retrieval.json as model-index; random towers, so no base_model
+        got = {(e.task_type, e.dataset_name, e.metric_type): e.metric_value for e in card.data.eval_results}
+        ret = ("image-text-retrieval", "synth test")
+        assert got == {ret + ("i2t_r1",): 0.3125, ret + ("t2i_r1",): 0.28125, ret + ("mean_recall",): 0.5}, fmt
+        assert card.data.base_model is None
         text = card.text
         for fact in ("vit_tiny_patch16_224", "| optimizer steps | 2 of 2 planned |", "| samples seen | 16 |",
                      "| ZeRO stage | 0 |", "i2t_r1 | 0.3125", "radford2021clip", "Intended use"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -36,6 +37,7 @@ from vlp.models import build_model
 
 VLP_CONFIG_FILE, VLP_META_FILE = "vlp_config.yaml", "vlp_export.json"
 _PATH_KEYS = ("model.vision.name", "model.text.name", "data.tokenizer.name")
+log = logging.getLogger(__name__)
 
 
 class Loaded(NamedTuple):
@@ -83,9 +85,28 @@ def resolve(name_or_path: str, revision: Optional[str] = None) -> str:
     return snapshot_download(name_or_path, revision=revision)
 
 
+def _literal(node: Any, key: str, found: List[str]) -> Any:
+    """`node` with every `${...}` in its strings escaped, so OmegaConf keeps it as text, never resolves it."""
+    if isinstance(node, dict):
+        return {k: _literal(v, f"{key}.{k}" if key else str(k), found) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_literal(v, f"{key}[{i}]", found) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        found.append(key)
+        return node.replace("${", "\\${")
+    return node
+
+
 def export_config(path: str):
-    """A vlp export's stored config with paths relative to the export made absolute."""
-    data = OmegaConf.load(os.path.join(path, VLP_CONFIG_FILE))
+    """A vlp export's stored config with paths relative to the export made absolute. Read as data: an
+    export (perhaps downloaded) stores resolved values, so a `${...}` in it stays literal text, never
+    resolved (an `${oc.env:VAR}` would read this machine's environment)."""
+    found: List[str] = []
+    raw = OmegaConf.to_container(OmegaConf.load(os.path.join(path, VLP_CONFIG_FILE)), resolve=False)
+    data = OmegaConf.create(_literal(raw, "", found))
+    if found:
+        log.warning("%s: %s hold %s text, kept as written (not resolved)", os.path.join(path, VLP_CONFIG_FILE),
+                    ", ".join(found), "${...}")
     for key in _PATH_KEYS:
         value = OmegaConf.select(data, key)
         if not value:
@@ -94,7 +115,24 @@ def export_config(path: str):
         rel = str(value)[len(prefix):]
         if not os.path.isabs(rel) and os.path.exists(os.path.join(path, rel)):
             OmegaConf.update(data, key, prefix + os.path.abspath(os.path.join(path, rel)))
-    return from_dict(OmegaConf.to_container(data, resolve=True))
+    return from_dict(OmegaConf.to_container(data, resolve=False))
+
+
+def _architecture_only(model_cfg: Any):
+    """`model_cfg` with nothing that loads weights: the export's safetensors hold them all. No
+    `init_from`; no tower `pretrained` (a transformers tower keeps it as its config source, `name`; an
+    open_clip tag is dropped too, its preprocessing being stored in the export); open_clip towers with
+    a transformers text model (`hf_model_name`) don't fetch its weights (`pretrained_hf=False`)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=False))
+    cfg.init_from = ""
+    for side in ("vision", "text"):
+        t = cfg[side]
+        if t.kind == "hf" and t.pretrained and not t.name:
+            t.name = t.pretrained
+        t.pretrained = ""
+        if t.kind == "open_clip" and t.name and not str(t.name).startswith(("hf-hub:", "local-dir:")):
+            t.kwargs = dict(t.kwargs or {}, pretrained_hf=False)
+    return cfg
 
 
 def load_tokenizer(name_or_path: str, revision: Optional[str] = None):
@@ -114,7 +152,7 @@ def load_pretrained(name_or_path: str, revision: Optional[str] = None) -> Any:
 
     path = resolve(name_or_path, revision)
     cfg = export_config(path)
-    model = build_model(cfg.model, pretrained=False)
+    model = build_model(_architecture_only(cfg.model), pretrained=False)
     load_torch_model(model, path, strict=True, filename_pattern="model{suffix}.safetensors")
     model.float().eval()
     meta_path = os.path.join(path, VLP_META_FILE)

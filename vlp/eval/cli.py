@@ -43,8 +43,9 @@ ZEROSHOT_HELP = """Zero-shot classification with prompt ensembles: top-1/top-5 a
 Each class embedding is the mean of its normalised template embeddings, renormalised. The label of a
 sample is its `cls` field (an integer), else its json `label` or `class` field; --label-key names
 another json field (dotted: objects.0.shape). A label is a class index or a class name from
---classnames (one per line). Samples without a label are skipped and counted. The default templates are
-CLIP's 80 ImageNet prompts. Example on the synthetic set:
+--classnames (a file, one per line, or `imagenet`: open_clip's 1000 ImageNet-1k names). Samples
+without a label are skipped and counted. The default templates (`imagenet`) are CLIP's 80 ImageNet
+prompts, from open_clip. Example on the synthetic set:
 
   vlp eval zeroshot --checkpoint runs/demo --data runs/demo/data/test --classnames shapes.txt \\
       --label-key objects.0.shape --templates "a photo of a {}." --out zs.json
@@ -80,10 +81,11 @@ def _add_commands(sub) -> None:
     r.set_defaults(func=_guarded(run_retrieval_cli))
     z = sub.add_parser("zeroshot", help="zero-shot classification", description=ZEROSHOT_HELP, formatter_class=fmt)
     _common(z)
-    z.add_argument("--classnames", required=True, metavar="FILE", help="class names, one per line, in label order")
+    z.add_argument("--classnames", required=True, metavar="FILE",
+                   help="class names, one per line, in label order; or imagenet (open_clip's 1000 ImageNet-1k names)")
     z.add_argument("--templates", default=None, metavar="FILE_OR_TEMPLATE",
                    help="prompt templates file (one per line, '{}' marks the class name), or one template; "
-                        "default: CLIP's 80 ImageNet templates")
+                        "default: imagenet (CLIP's 80 ImageNet templates, from open_clip)")
     z.add_argument("--label-key", default=None, help="json metadata field holding the label (dotted for nesting)")
     z.add_argument("--report", default=None, metavar="PNG",
                    help="also draw per-class accuracy and the confusion matrix, most-confused pairs named")
@@ -173,9 +175,9 @@ def run_zeroshot_cli(args) -> int:
     from vlp.dist import join_launcher_group
     from vlp.load import load_model
     from vlp.eval.report import git_commit, write_json_atomic
-    from vlp.eval.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot, read_lines, read_templates
+    from vlp.eval.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot, read_classnames, read_templates
 
-    classnames = read_lines(args.classnames, "classnames")
+    classnames = read_classnames(args.classnames)
     if args.templates and "{}" in args.templates and not os.path.isfile(args.templates):
         templates = [args.templates]
     else:

@@ -24,8 +24,20 @@ from vlp.dist import gather_objects
 from vlp.eval.encode import encode_local, encode_texts, gather_encoded, skip_counts
 from vlp.eval.evaluate import eval_mode
 
-TEMPLATES_DIR = os.path.join(os.path.dirname(__file__), "templates")
-DEFAULT_TEMPLATES = os.path.join(TEMPLATES_DIR, "imagenet_clip.txt")
+# Built-in lists, by name: open_clip's own copies (`open_clip.zero_shot_metadata`), not a file of ours.
+BUILT_IN = ("imagenet",)
+DEFAULT_TEMPLATES = "imagenet"  # CLIP's 80 ImageNet prompts (Radford et al. 2021)
+
+
+def _built_in(name: str, what: str) -> Optional[List[str]]:
+    """open_clip's ImageNet class names (1000, in label order) or CLIP's 80 templates as '{}' strings."""
+    if name.lower() not in BUILT_IN:
+        return None
+    from open_clip import zero_shot_metadata as meta
+
+    if what == "classnames":
+        return list(meta.IMAGENET_CLASSNAMES)
+    return [t("{}") if callable(t) else str(t) for t in meta.OPENAI_IMAGENET_TEMPLATES]
 
 
 def read_lines(path: str, what: str) -> List[str]:
@@ -38,11 +50,28 @@ def read_lines(path: str, what: str) -> List[str]:
     return lines
 
 
-def read_templates(path: str = DEFAULT_TEMPLATES) -> List[str]:
-    templates = read_lines(path, "templates")
+def _read(spec: str, what: str) -> List[str]:
+    if os.path.isfile(spec):
+        return read_lines(spec, what)
+    found = _built_in(spec, what)
+    if found is None:
+        raise FileNotFoundError(f"{what} file {spec!r} does not exist (built-in lists: {', '.join(BUILT_IN)})")
+    return found
+
+
+def read_classnames(spec: str) -> List[str]:
+    """Class names in label order: a file (one per line), else a built-in list (`imagenet`: open_clip's
+    1000 ImageNet-1k names)."""
+    return _read(spec, "classnames")
+
+
+def read_templates(spec: str = DEFAULT_TEMPLATES) -> List[str]:
+    """Prompt templates with one '{}' each: a file (one per line), else a built-in list (`imagenet`:
+    CLIP's 80 ImageNet prompts from open_clip)."""
+    templates = _read(spec, "templates")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
-        raise ValueError(f"{path}: every template needs exactly one '{{}}' for the class name, e.g. "
+        raise ValueError(f"{spec}: every template needs exactly one '{{}}' for the class name, e.g. "
                          f"'a photo of a {{}}.'; bad: {bad[0]!r}")
     return templates
 

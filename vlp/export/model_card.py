@@ -9,10 +9,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Dict, List, Optional
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
+from vlp.data import hub
 from vlp.data.shards import public_spec
 
 LIBRARY = {"hf": "transformers", "open_clip": "open_clip", "vlp": "vlp"}
@@ -114,6 +116,125 @@ def eval_results(run_dir: Optional[str]) -> List[Dict[str, Any]]:
     return found
 
 
+# model-index (Hub metadata) for each results JSON: the task by `task`, else by its metrics
+_TASKS = {"retrieval": ("image-text-retrieval", "Zero-shot image-text retrieval"),
+          "zeroshot": ("zero-shot-image-classification", "Zero-shot image classification")}
+_METRICS = {
+    "retrieval": {"i2t_r1": "image-to-text R@1", "i2t_r5": "image-to-text R@5", "i2t_r10": "image-to-text R@10",
+                  "t2i_r1": "text-to-image R@1", "t2i_r5": "text-to-image R@5", "t2i_r10": "text-to-image R@10",
+                  "mean_recall": "mean recall"},
+    "zeroshot": {"top1": "top-1 accuracy", "top2": "top-2 accuracy", "top3": "top-3 accuracy",
+                 "top4": "top-4 accuracy", "top5": "top-5 accuracy",
+                 "mean_per_class_accuracy": "mean per-class accuracy"},
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _task(res: Dict[str, Any]) -> Optional[str]:
+    task = res.get("task")
+    if task in _TASKS:
+        return task
+    metrics = res.get("metrics") or {}
+    return "retrieval" if "i2t_r1" in metrics else "zeroshot" if "top1" in metrics else None
+
+
+def _dataset(res: Dict[str, Any]) -> Tuple[str, str, Optional[str], Optional[str]]:
+    """(dataset id, pretty name, split, revision) of a result's data: an hf://datasets spec gives its repo
+    id and revision; anything else its spec made public (`public_spec`), or the result file's name."""
+    data = res.get("data", "")
+    spec = str((data.get("spec") if isinstance(data, dict) else data) or "")
+    split = data.get("split") if isinstance(data, dict) else None
+    name = public_spec(spec) if spec else os.path.splitext(os.path.basename(res.get("file", "eval")))[0]
+    first = spec.split("::")[0]
+    if hub.is_hub(first):
+        try:
+            ref = hub.parse(first, "eval data")
+        except Exception:  # a spec vlp would refuse: keep its public text
+            return name, name, split, None
+        if ref.repo_type == "dataset":
+            return ref.repo_id, name, split, ref.revision
+    return name, name, split, None
+
+
+def model_index(results: List[Dict[str, Any]]) -> List[Any]:
+    """`huggingface_hub.EvalResult`s for the Hub's model-index: one per metric of each retrieval or
+    zero-shot result (ITM re-ranked recalls as `*_itm_reranked`), values as stored (fractions)."""
+    from huggingface_hub import EvalResult
+
+    out = []
+    for res in results:
+        task = _task(res)
+        if task is None:
+            continue
+        task_type, task_name = _TASKS[task]
+        dtype, dname, split, revision = _dataset(res)
+        series = [("", "", res.get("metrics") or {})]
+        if task == "retrieval" and isinstance(res.get("reranked"), dict):
+            series.append(("_itm_reranked", f" (ITM re-ranked, top {res.get('rerank_k', '?')})", res["reranked"]))
+        for suffix, note, metrics in series:
+            for key, label in _METRICS[task].items():
+                value = metrics.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out.append(EvalResult(task_type=task_type, task_name=task_name, dataset_type=dtype,
+                                          dataset_name=dname, dataset_split=split, dataset_revision=revision,
+                                          metric_type=key + suffix, metric_name=label + note,
+                                          metric_value=float(value)))
+    return out
+
+
+def _hub_id(value: str) -> Optional[str]:
+    """`value` as a Hub repo id (ORG/NAME, or `hf-hub:ORG/NAME`), or None for a local path or anything else."""
+    value = str(value or "").strip()
+    if value.startswith("hf-hub:"):
+        value = value[len("hf-hub:"):]
+    value = value.strip("/")
+    if not _HUB_ID.match(value) or os.path.exists(value):
+        return None
+    return value
+
+
+def _cached_repo(path: str) -> Optional[str]:
+    """ORG/NAME of a Hugging Face cache snapshot directory (`.../models--ORG--NAME/snapshots/REV`)."""
+    m = re.search(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$", os.path.abspath(path).replace(os.sep, "/"))
+    return f"{m.group(1)}/{m.group(2)}" if m else None
+
+
+def base_models(cfg: Any) -> List[str]:
+    """Hub ids of the pretrained weights the towers started from (`model.*.pretrained`: a transformers
+    repo, timm's weights for the name, an open_clip tag's Hub repo, `hf-hub:` names) and of
+    `model.init_from` when it is a Hub download (a cache snapshot). Local files and directories are
+    never named."""
+    found: List[str] = []
+    for side in ("vision", "text"):
+        t = cfg.model[side]
+        name, pre = str(t.name or ""), str(t.pretrained or "")
+        repo = None
+        if t.kind == "hf":
+            repo = _hub_id(pre) if pre else None
+        elif t.kind == "timm" and pre:
+            if pre.lower() in ("default", "true"):
+                import timm.models
+
+                pcfg = timm.models.get_pretrained_cfg(name) if name else None
+                repo = _hub_id(getattr(pcfg, "hf_hub_id", None) or "")
+            elif pre.startswith("hf-hub:"):
+                repo = _hub_id(pre)
+        elif t.kind == "open_clip":
+            if name.startswith("hf-hub:"):
+                repo = _hub_id(name)
+            elif name and pre and not os.path.exists(pre):
+                import open_clip
+
+                repo = _hub_id((open_clip.get_pretrained_cfg(name, pre) or {}).get("hf_hub") or "")
+        if repo and repo not in found:
+            found.append(repo)
+    init = str(cfg.model.init_from or "")
+    repo = _cached_repo(init) if init else None
+    if repo and repo not in found:
+        found.append(repo)
+    return found
+
+
 def _tower_line(t: Any, module: Optional[nn.Module]) -> str:
     kw = ", ".join(f"{k}={v}" for k, v in (dict(t.kwargs) if t.kwargs else {}).items())
     name = t.name or "(built from kwargs)"
@@ -204,11 +325,17 @@ def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[
         cites.append("zhai2022lit")
     dual = hasattr(model, "encode_image") and hasattr(model, "encode_text")
     sources = [s.name for s in cfg.data.sources if s.name] if len(cfg.data.sources) else []
+    results = eval_results(ckpt.run_dir)
+    index = model_index(results)
+    bases = base_models(cfg)
     meta = ModelCardData(
         license=license, library_name=LIBRARY[fmt],
         tags=["vlp", "vision-language", "image-text-retrieval", m.type] + (["clip"] if m.type != "clip" else []),
         pipeline_tag="zero-shot-image-classification" if dual else "feature-extraction",
         datasets=[s for s in sources if "/" in s] or None,
+        base_model=(bases[0] if len(bases) == 1 else bases) or None,
+        model_name=(repo if on_hub else os.path.basename(os.path.normpath(repo))) if index else None,
+        eval_results=index or None,
     )
     world = int(state.get("world_size", 1) or 1)
     samples = int(state.get("samples_seen", 0) or 0)
@@ -280,7 +407,6 @@ def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[
     if figures.get("curves"):
         lines += ["", f"![training curves: losses, learning rate, throughput, held-out retrieval]({figures['curves']})"]
     lines += ["", "## Evaluation", ""]
-    results = eval_results(ckpt.run_dir)
     if results:
         for res in results:
             metr = {k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))}
@@ -319,4 +445,4 @@ def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[
     return "\n".join(lines)
 
 
-__all__ = ["model_card", "card_figures", "eval_results", "data_counts", "last_metrics"]
+__all__ = ["model_card", "card_figures", "eval_results", "model_index", "base_models", "data_counts", "last_metrics"]
