@@ -252,6 +252,9 @@ def test_cli_refuses_a_nonempty_out_and_overwrites_only_an_export(demo_run, tmp_
     (out / "keep.txt").unlink()
     assert main(args) == 0
     assert main(args + ["--overwrite"]) == 0
+    cap = capsys.readouterr()
+    assert "5/5" in cap.err and "stage/s" in cap.err  # a progress bar over the export's stages (rate, ETA)
+    assert "── vlp export: done" in cap.out and f"out         {out}" in cap.out  # the summary block
     assert "vlp_config.yaml" in os.listdir(out)
     assert os.listdir(tmp_path) == ["exp"]  # no temp or old directories left beside it
     # --out equal to (or containing) the run or checkpoint directory is refused; the run stays whole

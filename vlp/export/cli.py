@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         result = export(args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype,
                         overwrite=args.overwrite, verify=not args.no_verify, push_to_hub=args.push_to_hub,
                         private=args.private, revision=args.revision, commit_message=args.commit_message,
-                        dry_run=args.dry_run, log=log)
+                        dry_run=args.dry_run, log=log, progress=True)
     except (ExportError, CheckpointNotFound, ConfigError) as e:
         print(f"vlp export: {e}", file=sys.stderr)
         return EXIT_USER

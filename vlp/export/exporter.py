@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -150,8 +151,10 @@ def _move_into_place(tmp: str, out: str) -> None:
 def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int] = None, dtype: Optional[str] = None,
            overwrite: bool = False, verify: bool = True, push_to_hub: Optional[str] = None, private: bool = False,
            revision: Optional[str] = None, commit_message: Optional[str] = None, dry_run: bool = False,
-           endpoint: Optional[str] = None, log: Callable[[str], None] = print) -> ExportResult:
-    """Export the checkpoint of `checkpoint` (run dir, checkpoints/ dir or step dir) to `out`."""
+           endpoint: Optional[str] = None, log: Callable[[str], None] = print,
+           progress: bool = False) -> ExportResult:
+    """Export the checkpoint of `checkpoint` (run dir, checkpoints/ dir or step dir) to `out`. `progress`:
+    a bar over the stages (weights, layout, model card, verification, move) with rate and ETA on stderr."""
     out = os.path.abspath(out)
     ckpt = find_checkpoint(checkpoint, step)
     _check_not_the_run(out, ckpt)
@@ -167,7 +170,16 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
         raise ConfigError(f"--dtype {dtype!r}; valid: fp32, bf16, fp16")
     log(f"vlp export: {ckpt.path} (step {ckpt.step}, ZeRO stage {cfg.train.zero_stage}, "
         f"{ckpt.state.get('world_size', '?')} ranks) -> {fmt} ({dtype}) at {out}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=5, unit="stage", desc="export: fp32 weights", disable=not progress, file=sys.stderr)
+
+    def stage(name: str) -> None:
+        bar.update(1)
+        bar.set_description(f"export: {name}")
+
     model = load_trained_model(ckpt, cfg)
+    stage(f"write {fmt}")
     image_cfg = resolve_image_cfg(model.image_cfg, cfg.data)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     parent = os.path.dirname(out)
@@ -184,18 +196,24 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
             ok = [f for f in supported_formats(model, cfg) if f != fmt]
             raise ExportError(f"cannot export this {cfg.model.type} model to --format {fmt}: {e}. "
                               f"Formats that work for it: {', '.join(ok)}") from None
+        stage("model card")
         figures = card_figures(ckpt, tmp)  # images/ beside the card, referenced from it
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(model, cfg, fmt, ckpt, image_cfg, info, cfg.export.license,
                                push_to_hub or f"./{os.path.basename(out)}",  # no local path in the card
                                on_hub=bool(push_to_hub), figures=figures))
+        stage("verify")
         verified = verify_export(fmt, tmp, model, tokenizer, image_cfg, dtype) if verify else {}
+        stage("move into place")
         _retarget_paths(tmp, out)
         _usual_permissions(tmp)
         _move_into_place(tmp, out)
+        bar.update(1)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.close()
 
     files = [p for p, _ in files_to_upload(out)]
     result = ExportResult(out, fmt, ckpt.step, files, verified, info, dtype=dtype)
