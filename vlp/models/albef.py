@@ -79,8 +79,8 @@ from vlp.losses.distill import alpha_at, itc_distill_loss
 from vlp.dist import gather_with_grad, rank_and_world
 from vlp.losses.itm import hard_negatives, hardness_at, itm_loss
 from vlp.losses.mlm import IGNORE, mask_tokens, mlm_loss
-from vlp.models.bus import add_vit_selectors, build_pad, build_selector, check_bus, ptm_loss
-from vlp.models.fusion import FusionEncoder, bert_text, check_token_tower, image_tokens, token_tower_kwargs
+from vlp.models.bus import add_vit_selectors, build_pad, build_selector, check_bus, check_bus_tower, ptm_loss
+from vlp.models.fusion import FusionEncoder, as_token_tower, bert_text, image_tokens, token_tower_kwargs
 from vlp.models.mlm_head import MLMHead, load_pretrained_mlm_head
 from vlp.models.momentum import buffer_copy, ema_update
 from vlp.models.registry import register_model
@@ -150,8 +150,10 @@ class ALBEF(nn.Module):
 
     # ------------------------------------------------------------------ encoders (eval and training)
     def _image(self, images: torch.Tensor, momentum: bool = False) -> torch.Tensor:
-        """The ViT's output tokens, [CLS] first; never text-dependent (with BUS: after its text-agnostic
-        patch selection). One pass per image serves ITC and every pair's `_pair_tokens`."""
+        """The vision tower's output tokens, [CLS] first (a ViT's class token, or the pooled vector of a
+        Swin / ConvNeXt / ... before its flattened last-stage map: `vlp.models.fusion.as_token_tower`);
+        never text-dependent (with BUS: after its text-agnostic patch selection). One pass per image
+        serves ITC and every pair's `_pair_tokens`."""
         return image_tokens(self.momentum_models["vision"] if momentum else self.vision, images)
 
     def _pair_tokens(self, tokens: torch.Tensor, texts: torch.Tensor, momentum: bool = False) -> torch.Tensor:
@@ -382,8 +384,8 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"model.text.kind={cfg.text.kind!r}: ALBEF splits a transformers BERT-like model into "
                           "text and fusion layers; use model.text.kind=hf (e.g. name=bert-base-uncased)")
     if cfg.vision.kind not in ("timm", "hf"):
-        raise ConfigError(f"model.vision.kind={cfg.vision.kind!r}: ALBEF needs the ViT's token sequence; "
-                          "use kind=timm or hf")
+        raise ConfigError(f"model.vision.kind={cfg.vision.kind!r}: ALBEF needs the vision tower's token sequence "
+                          "or feature map; use kind=timm or hf")
     if cfg.vision.locked or cfg.text.locked:
         raise ConfigError("model.vision.locked / model.text.locked: ALBEF trains both towers; set them false")
     if cfg.patch_dropout:
@@ -435,7 +437,9 @@ def build_albef(cfg: DictConfig) -> ALBEF:
     kw = OmegaConf.to_container(vcfg.kwargs, resolve=True) if isinstance(vcfg.kwargs, DictConfig) else dict(vcfg.kwargs)
     vcfg.kwargs = token_tower_kwargs(vcfg.kind, kw)
     vision = build_vision_tower(vcfg, 0.0, int(cfg.embed_dim))
-    check_token_tower(vision.module, vcfg.kind)
+    if cfg.bus.enabled:
+        check_bus_tower(vision.module, vcfg.pretrained or vcfg.name)
+    as_token_tower(vision.module, vcfg.kind, vcfg.pretrained or vcfg.name, int(vision.info["size"]), vision.dim)
     return ALBEF(cfg, vision, _text_tower(cfg))
 
 

@@ -214,12 +214,24 @@ def check_bus(bcfg: Any, family: str, vcfg: Any) -> None:
         raise ConfigError(f"bad value for 'model.bus.ptm_temperature': must be > 0, or 0 for the model's "
                           f"contrastive temperature; got {bcfg.ptm_temperature}")
     if vcfg.kind != "timm":
-        raise ConfigError(f"model.bus: the patch selectors work on a timm ViT; model.vision.kind={vcfg.kind!r}")
+        raise ConfigError(f"model.bus: the patch selectors work on a timm ViT; model.vision.kind={vcfg.kind!r} "
+                          f"(tower {vcfg.pretrained or vcfg.name!r})")
     if vcfg.evit.keep_rate != 1.0:
         raise ConfigError("model.bus and model.vision.evit both drop patch tokens inside the ViT: use one "
                           "(set model.vision.evit.keep_rate=1.0, or model.bus.keep_rate for BUS's own)")
     if vcfg.locked:
         raise ConfigError("model.bus: the patch selectors train inside the ViT; model.vision.locked must be false")
+
+
+def check_bus_tower(vision: nn.Module, name: str) -> None:
+    """BUS's selectors, PAD and patch ranking need a timm ViT with a class token and blocks: refuse any
+    other tower (Swin, ConvNeXt, ...: they feed ALBEF without BUS), naming it."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(vision, VisionTransformer) or getattr(vision, "cls_token", None) is None:
+        raise ConfigError(f"model.bus: BUS selects patch tokens by [CLS] attention inside a timm ViT with a class "
+                          f"token; the vision tower {name!r} ({type(vision).__name__}) is not one. ALBEF "
+                          f"takes it without BUS (model.bus.enabled=false)")
 
 
 def add_vit_selectors(vision: nn.Module, bcfg: Any) -> nn.Module:
@@ -258,4 +270,4 @@ def kept_counts(n: int, keep_rate: float, blocks: int, fuse: bool = True) -> Lis
 
 
 __all__ = ["TextPatchSelector", "PatchAbstractionDecoder", "ptm_loss", "add_vit_selectors", "build_selector",
-           "build_pad", "check_bus", "kept_counts"]
+           "build_pad", "check_bus", "check_bus_tower", "kept_counts"]

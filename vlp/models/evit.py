@@ -130,7 +130,7 @@ def check_evit(ecfg: Any, key: str) -> None:
 
 
 def replace_blocks(model: nn.Module, indices: Any, option: str, method: str, paper: str,
-                   wrap: Callable[[nn.Module], nn.Module]) -> None:
+                   wrap: Callable[[nn.Module], nn.Module], tower: str = "") -> None:
     """Replace blocks `indices` (0-based) of a timm VisionTransformer with a class token by `wrap(block)`,
     in place; each must be timm's plain `Block` with `timm.layers.Attention`. `option` is the config key
     named in errors (e.g. 'model.vision.evit'), `method` the method's name, `paper` its block choice."""
@@ -140,7 +140,7 @@ def replace_blocks(model: nn.Module, indices: Any, option: str, method: str, pap
     blocks = getattr(model, "blocks", None)
     if blocks is None or getattr(model, "cls_token", None) is None:
         raise ConfigError(f"{option}: needs a timm VisionTransformer with a class token ({method} ranks tokens "
-                          f"by [CLS] attention); {type(model).__name__} has "
+                          f"by [CLS] attention); {f'the tower {tower!r} ' if tower else ''}{type(model).__name__} has "
                           f"{'no blocks' if blocks is None else 'no class token'}")
     chosen = sorted(set(int(i) for i in indices))
     if not chosen or chosen[0] < 0 or chosen[-1] >= len(blocks):
@@ -155,12 +155,12 @@ def replace_blocks(model: nn.Module, indices: Any, option: str, method: str, pap
         blocks[i] = wrap(blk)
 
 
-def add_evit(model: nn.Module, ecfg: Any, key: str = "vision") -> nn.Module:
+def add_evit(model: nn.Module, ecfg: Any, key: str = "vision", tower: str = "") -> nn.Module:
     """Replace blocks `ecfg.blocks` of a timm VisionTransformer (in place) by EViT blocks; returns `model`."""
     check_evit(ecfg, key)
     replace_blocks(model, ecfg.blocks, f"model.{key}.evit", "EViT", "paper: [3, 6, 9] of 12",
                    lambda blk: EViTBlock(blk, ecfg.keep_rate, model.num_prefix_tokens, ecfg.fuse,
-                                         ecfg.shrink_start, ecfg.shrink_steps))
+                                         ecfg.shrink_start, ecfg.shrink_steps), tower)
     return model
 
 

@@ -6,7 +6,8 @@ gradient (3x), a frozen layer inside a trainable tower (the frozen LLM block) fo
 (2x), a locked tower at the input forward only (1x), and the patch embedding no input gradient (2x).
 EViT and BUS count the tokens each block really sees (eval mode: the target keep rate), and fusion
 models their momentum passes, ITM pairs and MLM. The CPU flash-attention kernels, which the counter
-does not know, are counted with its own attention formulas. Not counted: the contrastive loss's
+does not know, are counted with its own attention formulas, and a convolution's backward as twice its
+forward (torch's formula ignores groups: depthwise convolutions would count as dense ones). Not counted: the contrastive loss's
 B x B matrix (B = 2 here), elementwise work and GradCache's second forward (model FLOPs, not
 hardware FLOPs).
 """
@@ -16,7 +17,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
 
 def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -27,9 +28,19 @@ def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *arg
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _conv_backward(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                   _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """The input gradient and the weight gradient each cost the forward's multiply-adds. torch's own
+    formula ignores `groups` in the weight gradient and counts a depthwise convolution (ConvNeXt's 7x7)
+    as a dense one: ConvNeXt-atto's backward came out 7x its forward."""
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 # torch counts the CUDA attention kernels but not the CPU ones: count them the same way
 _EXTRA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
-          torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
+          torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+          torch.ops.aten.convolution_backward: _conv_backward}
 
 
 def _count(fn, *args) -> int:

@@ -14,7 +14,7 @@ def _no_extras(tcfg: Any, key: str) -> None:
     used += [f"frozen_llm.name={llm.name!r}"] if llm is not None and llm.name else []
     if used:
         raise ConfigError(f"model.{key}.{used[0]}: supported on vision towers of kind timm (a ViT) only, "
-                          f"not on this {tcfg.kind} {key} tower")
+                          f"not on this {tcfg.kind} {key} tower {tcfg.pretrained or tcfg.name!r}")
 
 
 def build_vision_tower(tcfg: Any, patch_dropout: float = 0.0, embed_dim: int = 512) -> Tower:

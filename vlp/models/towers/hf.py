@@ -165,9 +165,22 @@ class HFVision(nn.Module):
         super().__init__()
         self.model, self.pool = model, pool
         self.mode = mode or ("first" if pool in ("", "cls") else "mean_tokens")
+        self.cls_first = _has_class_token(model)  # its token sequence starts with the class token
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return _vision_features(self.model(pixel_values=images), self.mode)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens for a fusion encoder, [CLS] first: a class-token model's sequence as it is
+        (ViT, DINOv2, CLIP); otherwise its tokens (B, L, C) or feature map (B, C, H, W) flattened to
+        (B, H*W, C), behind the feature `pool` selects (Swin's / ConvNeXt's pooled output, CvT's class
+        token) as [CLS]."""
+        out = self.model(pixel_values=images)
+        hidden = out.last_hidden_state
+        if hidden.dim() == 3 and self.cls_first:
+            return hidden
+        seq = hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden
+        return torch.cat([_vision_features(out, self.mode).unsqueeze(1).to(seq.dtype), seq], dim=1)
 
 
 class HFText(nn.Module):

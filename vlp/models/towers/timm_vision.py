@@ -40,7 +40,7 @@ def _add_extras(model: Any, tcfg: Any, key: str) -> None:
     evit, llm = getattr(tcfg, "evit", None), getattr(tcfg, "frozen_llm", None)
     if evit is not None and evit.keep_rate != 1.0:
         from vlp.models.evit import add_evit
-        add_evit(model, evit, key)
+        add_evit(model, evit, key, tcfg.pretrained or tcfg.name)
     if llm is not None and llm.name:
         from vlp.models.frozen_llm import add_frozen_llm
         add_frozen_llm(model, llm, key)
