@@ -45,12 +45,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_SINGLE = "VLP_SINGLE_PROCESS_PORT"  # marks env:// variables vlp filled in for a world of one
+
+
 def _single_process_env() -> None:
-    """Fill the env:// variables for a run started without a launcher (world of one)."""
-    if "WORLD_SIZE" in os.environ:
+    """Fill the env:// variables for a run started without a launcher (world of one). They stay set while
+    the process group lives, so a process that trains in-process (a notebook, a test) passes them to its
+    children; a child that finds vlp's own marker but no process group of its own is not a rank of that
+    world: it takes a fresh port instead of colliding with its parent's or a sibling's."""
+    inherited = os.environ.get(_SINGLE) is not None and os.environ.get(_SINGLE) == os.environ.get("MASTER_PORT") \
+        and not dist.is_initialized()
+    if "WORLD_SIZE" in os.environ and not inherited:
         return
+    port = str(free_port()) if inherited else os.environ.get("MASTER_PORT", str(free_port()))
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+                      MASTER_PORT=port, **{_SINGLE: port})
 
 
 def setup_distributed(timeout_s: int) -> DistInfo:

@@ -127,3 +127,22 @@ def test_a_busy_dataloader_worker_does_not_keep_the_process_alive_at_exit():
     proc = subprocess.run([sys.executable, "-c", EXIT_WITH_BUSY_WORKER], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_child_of_an_in_process_run_takes_its_own_port(common, tmp_path):
+    """A process that trained in-process keeps the env:// variables of its world of one (the process group
+    lives on); a `vlp train` it starts inherits them. Before: the child reused the parent's MASTER_PORT and
+    failed with EADDRINUSE whenever that port was taken (the parent's store, or a sibling run)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = dict(launcher_env(), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, VLP_SINGLE_PROCESS_PORT=port)  # what vlp.dist leaves after an in-process run
+        args = [a for a in common if a != "train.steps=6"]
+        proc = subprocess.run([sys.executable, "-m", "vlp.cli", "train", *args, "train.steps=1",
+                               f"output_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
