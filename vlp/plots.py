@@ -210,10 +210,22 @@ def draw_curves(runs: Sequence[Run], out_png: str, title: Optional[str] = None,
     fig.suptitle(title or f"training curves: {names}; last step " +
                  ", ".join(str(v) for v in last.values()), fontsize=13)
     fig.tight_layout()
-    tmp = f"{out_png}.tmp{os.getpid()}.png"
-    fig.savefig(tmp)
-    os.replace(tmp, out_png)
-    plt.close(fig)
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, path: str, dpi: Optional[int] = None):
+    """Save a matplotlib figure as PNG to a temporary name, then rename it (a reader never sees half a
+    file), and close it. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi or fig.dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return fig
 
 
@@ -237,8 +249,6 @@ def recall_bars(ax, result: Dict[str, Any]) -> None:
     ax.legend(fontsize=8, loc="upper left")
 
 
-
-
 def draw_recall(result: Dict[str, Any], out_png: str, title: str = ""):
     """Recall@K bars of one retrieval result as a picture of its own (the model card's figure); written to a
     temporary file, then renamed. Returns the (closed) figure."""
@@ -250,11 +260,7 @@ def draw_recall(result: Dict[str, Any], out_png: str, title: str = ""):
     recall_bars(ax, result)
     ax.set_title(title or "zero-shot retrieval", fontsize=11)
     fig.tight_layout()
-    tmp = f"{out_png}.tmp{os.getpid()}.png"
-    fig.savefig(tmp)
-    os.replace(tmp, out_png)
-    plt.close(fig)
-    return fig
+    return save_figure(fig, out_png)
 
 
-__all__ = ["read_metrics", "read_evals", "draw_curves", "recall_bars", "draw_recall"]
+__all__ = ["read_metrics", "read_evals", "draw_curves", "recall_bars", "draw_recall", "save_figure"]

@@ -12,7 +12,7 @@ import subprocess
 from typing import Any, Dict, Optional
 
 from vlp.eval.data import IMAGE_KEYS, decode_image, iter_records
-from vlp.plots import recall_bars
+from vlp.plots import recall_bars, save_figure
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -186,10 +186,7 @@ def write_report_png(result: Dict[str, Any], path: str, data: str, images_dir: O
             y += row_in
     fig.suptitle(f"{os.path.basename(str(data).rstrip('/'))}: {result['n_images']} images, {result['n_texts']} texts "
                  f"evaluated; {result['n_skipped']} samples skipped", fontsize=13, y=1 - 0.25 / height)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=DPI)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=DPI)
     fig.thumbnail_axes = thumbs
     return fig
 
@@ -251,8 +248,4 @@ def write_zeroshot_png(result: Dict[str, Any], path: str, data: str):
     fig.suptitle(f"{os.path.basename(str(data).rstrip('/'))}: zero-shot top-1 {100 * m['top1']:.1f}%, "
                  f"{result['n_samples']} images, {n} classes, {result['n_skipped']} skipped", fontsize=12)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=DPI)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return fig
+    return save_figure(fig, path, dpi=DPI)
