@@ -21,7 +21,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run as a script by the launcher: `tests` importable
-from tests.dist.train_entry import deepspeed_launch  # noqa: E402
+from tests.dist.train_entry import deepspeed_launch, two_steps_and_save  # noqa: E402
 from tests.test_export_zero3 import TINY  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -51,31 +51,14 @@ def _fp32_masters(engine):
 
 
 def rank_main(out: str, config: str) -> None:
-    from vlp import checkpoint as ckpt
-    from vlp.config import load_config, to_yaml
-    from vlp.data.tokenizers import build_tokenizer
+    from vlp.config import load_config
     from vlp.dist import setup_distributed
-    from vlp.models import build_model, param_groups
-    from vlp.train.ds_config import deepspeed_config
-    from vlp.train.engine import build_engine
 
     info = setup_distributed(120)
     for name, overrides in RUNS.items():
         cfg = load_config(config, [f"output_dir={out}/{name}", "train.precision=bf16"] + overrides)
-        torch.manual_seed(0)
-        model = build_model(cfg.model)
-        engine, _, _ = build_engine(model, param_groups(model, 0.1), cfg, deepspeed_config(cfg, info.world_size),
-                                    info.device)
+        engine = two_steps_and_save(cfg, info, torch.bfloat16)
         assert type(engine.optimizer).__name__ == OPTIMIZERS[name], (name, type(engine.optimizer).__name__)
-        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
-        ids, mask = build_tokenizer(cfg.data.tokenizer)([f"a photo of {i} red cubes" for i in range(8)])
-        part = slice(4 * info.rank, 4 * info.rank + 4)
-        for _ in range(2):
-            res = engine({"image": images[part], "text_ids": ids[part], "text_mask": mask[part], "key": []})
-            engine.backward(res["loss"])
-            engine.step()
-        ckpt.save(engine, cfg.output_dir, 2, 16, {"rank": info.rank}, to_yaml(cfg), info.rank, info.world_size,
-                  keep_last=0)
         masters, low = _fp32_masters(engine)
         if info.rank == 0:
             torch.save({"masters": masters, "bf16": low, "optimizer": type(engine.optimizer).__name__},

@@ -41,28 +41,14 @@ def rank_main(out: str, config: str) -> None:
     import deepspeed
     from safetensors.torch import save_file
 
-    from vlp.config import load_config, to_yaml
-    from vlp.data.tokenizers import build_tokenizer
-    from vlp.models import build_model, param_groups
-    from vlp import checkpoint as ckpt
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+    from tests.dist.train_entry import two_steps_and_save
+    from vlp.config import load_config
     from vlp.dist import setup_distributed
-    from vlp.train.ds_config import deepspeed_config
-    from vlp.train.engine import build_engine
 
     info = setup_distributed(120)
     cfg = load_config(config, [f"output_dir={out}"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    engine, _, _ = build_engine(model, param_groups(model, 0.1), cfg, deepspeed_config(cfg, info.world_size),
-                                info.device)
-    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    ids, mask = build_tokenizer(cfg.data.tokenizer)([f"a photo of {i} red cubes" for i in range(8)])
-    part = slice(4 * info.rank, 4 * info.rank + 4)
-    for _ in range(2):
-        res = engine({"image": images[part], "text_ids": ids[part], "text_mask": mask[part], "key": []})
-        engine.backward(res["loss"])
-        engine.step()
-    ckpt.save(engine, out, 2, 16, {"rank": info.rank}, to_yaml(cfg), info.rank, info.world_size, keep_last=0)
+    engine = two_steps_and_save(cfg, info)
     named = list(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in named]):
         if info.rank == 0:

@@ -79,6 +79,33 @@ train:
 """
 
 
+def two_steps_and_save(cfg, info, dtype=None):
+    """A DeepSpeed engine for `cfg` (model seeded 0) after two steps on a fixed 8-pair batch split over
+    two ranks, its checkpoint saved as step 2 in cfg.output_dir: what the export tests consolidate."""
+    from vlp import checkpoint as ckpt
+    from vlp.config import to_yaml
+    from vlp.data.tokenizers import build_tokenizer
+    from vlp.models import build_model, param_groups
+    from vlp.train.ds_config import deepspeed_config
+    from vlp.train.engine import build_engine
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    engine, _, _ = build_engine(model, param_groups(model, 0.1), cfg, deepspeed_config(cfg, info.world_size),
+                                info.device)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    images = images.to(dtype) if dtype is not None else images
+    ids, mask = build_tokenizer(cfg.data.tokenizer)([f"a photo of {i} red cubes" for i in range(8)])
+    part = slice(4 * info.rank, 4 * info.rank + 4)
+    for _ in range(2):
+        res = engine({"image": images[part], "text_ids": ids[part], "text_mask": mask[part], "key": []})
+        engine.backward(res["loss"])
+        engine.step()
+    ckpt.save(engine, cfg.output_dir, 2, 16, {"rank": info.rank}, to_yaml(cfg), info.rank, info.world_size,
+              keep_last=0)
+    return engine
+
+
 def write_tiny_config(path: str) -> str:
     with open(path, "w") as f:
         f.write(TINY_YAML)
