@@ -137,6 +137,19 @@ def test_queue_takes_the_momentum_features_and_wraps(yaml_path):
     assert pointers == [4, 8, 0, 4]
 
 
+def test_a_pointer_left_by_another_global_batch_keeps_the_queue_first_in_first_out(yaml_path):
+    """Resumed with another global batch (4 rows after batches that left the pointer at 10 of 12), the next
+    4 rows replace the 4 oldest (10, 11, 0, 1), not a slice running past the end."""
+    model = _model(yaml_path)
+    before = model.image_queue.clone()
+    model.queue_ptr[0] = 10
+    new = F.normalize(torch.randn(4, before.shape[1]), dim=1)
+    model._enqueue(new, new)
+    assert int(model.queue_ptr) == 4
+    torch.testing.assert_close(model.image_queue[:4], new)
+    torch.testing.assert_close(model.image_queue[4:], before[2:10])  # the rest, oldest first
+
+
 def test_queue_size_must_be_a_multiple_of_the_global_batch(yaml_path):
     model = _model(yaml_path, "model.albef.queue_size=10")
     with pytest.raises(ConfigError, match=r"model.albef.queue_size=10 is not a multiple of the global batch 4"):

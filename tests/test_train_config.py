@@ -76,7 +76,7 @@ def test_scheduler_steps_the_optimizer_lr_and_restores_from_state():
         sched.step()
     assert seen == pytest.approx([lr_at(s, 0.1, 0.01, 2, 6) for s in range(6)])
     state = sched.state_dict()
-    assert state == {"last_epoch": 6}  # the step count only: the schedule comes from the config
+    assert state == {"last_epoch": 6, "samples": 6, "ref_batch": 1}  # the schedule itself comes from the config
     # a resumed run with a longer schedule and another lr follows its own config from step 3 on
     longer = _cfg("train.lr=0.2", "train.min_lr=0.01", "train.warmup_steps=2", "train.steps=12")
     opt2 = torch.optim.AdamW([p], lr=0.123)
@@ -86,6 +86,36 @@ def test_scheduler_steps_the_optimizer_lr_and_restores_from_state():
     opt2.step()
     sched2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(lr_at(4, 0.2, 0.01, 2, 12))
+
+
+def test_a_changed_global_batch_continues_the_schedule_by_samples():
+    """Started at global batch 64, resumed at step 30 with batch 32: the curve over samples is the same one
+    and the run ends after the same samples (train.steps batches of 64), in 2 x 70 more steps."""
+    cfg = _cfg("train.lr=0.1", "train.min_lr=0.0", "train.warmup_steps=10", "train.steps=100")
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    first = build_scheduler(opt, cfg.train, 64)
+    for _ in range(30):
+        opt.step()
+        first.step()
+    state = first.state_dict()
+    assert state == {"last_epoch": 30, "samples": 30 * 64, "ref_batch": 64}
+    opt2 = torch.optim.AdamW([p], lr=0.1)
+    resumed = build_scheduler(opt2, cfg.train, 32)
+    resumed.load_state_dict(state)
+    assert resumed.total_samples == 100 * 64 and resumed.samples == 30 * 64
+    seen = []
+    while resumed.samples < resumed.total_samples:
+        seen.append((resumed.samples, opt2.param_groups[0]["lr"]))
+        opt2.step()
+        resumed.step()
+    assert len(seen) == 140 and resumed.last_epoch == 170
+    assert all(lr == pytest.approx(lr_at(n / 64, 0.1, 0.0, 10, 100)) for n, lr in seen)
+    assert seen[2][1] == pytest.approx(lr_at(31, 0.1, 0.0, 10, 100))  # two batches of 32 = one of 64
+    # a checkpoint from before samples were recorded: steps of the current batch
+    old = build_scheduler(torch.optim.AdamW([p], lr=0.1), cfg.train, 32)
+    old.load_state_dict({"last_epoch": 30})
+    assert (old.samples, old.ref_batch) == (30 * 32, 32)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -226,16 +226,16 @@ def save(engine, output_dir: str, step: int, samples_seen: int, loader_state: An
         if os.path.isdir(path):  # a leftover from a run that died while saving this step
             shutil.rmtree(path)
     barrier()
-    engine.save_checkpoint(root, tag=tag, client_state={"vlp_step": step, **_master_names(engine)},
-                           save_latest=False)
+    engine.save_checkpoint(root, tag=tag, client_state={"vlp_step": step, **_master_names(engine),
+                                                        **optimizer_names(engine)}, save_latest=False)
     torch.save({"rank": rank, "loader": loader_state, "rng": rng_state()},
                os.path.join(path, f"vlp_rank{rank}.pt.tmp"))
     os.replace(os.path.join(path, f"vlp_rank{rank}.pt.tmp"), os.path.join(path, f"vlp_rank{rank}.pt"))
     loader_states = gather_objects(loader_state)  # also the barrier after every rank's files
     if rank == 0:
         write_atomic(os.path.join(path, "config.yaml"), config_yaml.encode())
-        state = {"step": step, "samples_seen": samples_seen, "world_size": world_size, "time": time.time(),
-                 "loader": loader_states}
+        state = {"step": step, "samples_seen": samples_seen, "world_size": world_size,
+                 "zero_stage": int(engine.zero_optimization_stage()), "time": time.time(), "loader": loader_states}
         write_atomic(os.path.join(path, STATE_FILE), json.dumps(state, indent=1, default=str).encode())
         fsync_tree(path)  # every rank's files are complete (the gather above was the barrier)
         write_atomic(os.path.join(root, LATEST), tag.encode())
@@ -269,13 +269,34 @@ def load_own_state(path: str) -> Dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _read_own(path: str, rank: int, world_size: int) -> Dict[str, Any]:
-    """This rank's part of our state in checkpoint `path` (no collective)."""
+def _saved_zero_stage(path: str, state: Dict[str, Any]) -> int:
+    """The ZeRO stage a checkpoint was written with (recorded since resume-anywhere; before, its config's)."""
+    if "zero_stage" in state:
+        return int(state["zero_stage"])
+    try:
+        from omegaconf import OmegaConf
+
+        return int(OmegaConf.load(os.path.join(path, CONFIG_FILE)).train.zero_stage)
+    except Exception:
+        return -1
+
+
+def _read_own(path: str, rank: int, world_size: int, zero_stage: int) -> Dict[str, Any]:
+    """This rank's part of our state in checkpoint `path` (no collective). With the world size and ZeRO stage
+    of the checkpoint, that is this rank's loader position and RNG states (`reshard` False); on another
+    layout there is no "this rank's" part: every rank gets all ranks' loader states (`loaders`) and no RNG
+    state, and the caller loads the engine with `vlp.train.reshard.load_resharded` (`reshard` True)."""
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
-    if state["world_size"] != world_size:
-        raise CheckpointError(f"{path} was written by {state['world_size']} ranks, this run has {world_size}: "
-                              "exact resume needs the same world size (data position and RNG are per rank)")
+    saved_stage = _saved_zero_stage(path, state)
+    out = {"step": state["step"], "samples_seen": state["samples_seen"], "loaders": state.get("loader", []),
+           "world_size": int(state["world_size"]), "zero_stage": saved_stage, "loader": None, "rng": None,
+           "reshard": state["world_size"] != world_size or saved_stage != zero_stage}
+    if out["reshard"]:
+        if len(out["loaders"]) != int(state["world_size"]):
+            raise CheckpointError(f"{path}/{STATE_FILE} holds {len(out['loaders'])} loader states for "
+                                  f"{state['world_size']} ranks: the checkpoint is incomplete")
+        return out
     mine = os.path.join(path, f"vlp_rank{rank}.pt")
     if not os.path.isfile(mine):
         raise CheckpointError(f"{path} has no {os.path.basename(mine)}: the checkpoint is incomplete")
@@ -283,25 +304,31 @@ def _read_own(path: str, rank: int, world_size: int) -> Dict[str, Any]:
         ours = load_own_state(mine)
     except Exception as e:  # torn or corrupt file: the caller may fall back
         raise CheckpointError(f"{mine} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return {"step": state["step"], "samples_seen": state["samples_seen"], "loader": ours["loader"], "rng": ours["rng"]}
+    out.update(loader=ours["loader"], rng=ours["rng"])
+    return out
 
 
 def load(engine, path: str, rank: int, world_size: int, device: torch.device, fallback: bool = False
          ) -> Tuple[str, Dict[str, Any]]:
     """Collective: restore engine (model, optimizer, LR schedule) from checkpoint `path` and return (the
     checkpoint loaded, our state for this rank). Every rank reads its own files first and the ranks agree
-    before DeepSpeed loads. With `fallback` (train.resume=auto), a checkpoint some rank cannot read is set
-    aside (renamed `step_N.unreadable`: nothing is deleted) with a warning and the previous complete one
+    before DeepSpeed loads. A checkpoint of another world size or ZeRO stage is not loaded here: our
+    state says so (`reshard`), holds every rank's loader position and no RNG state, and the caller
+    loads the engine with `vlp.train.reshard.load_resharded`. With `fallback` (train.resume=auto), a
+    checkpoint some rank cannot read is set aside (renamed `step_N.unreadable`: nothing is deleted) with a warning and the previous complete one
     is tried; otherwise the error is raised."""
     root = os.path.dirname(path.rstrip("/"))
     older = [p for p in reversed(complete_checkpoints(root)) if step_of(p) < step_of(path)] \
         if fallback and _TAG.match(os.path.basename(path.rstrip("/"))) else []
+    stage = int(engine.zero_optimization_stage())
     for cand in [path] + older:
         try:
-            ours, err = _read_own(cand, rank, world_size), None
+            ours, err = _read_own(cand, rank, world_size, stage), None
         except CheckpointError as e:
             ours, err = None, e
         if all_reduce_sum({"unreadable": float(err is not None)}, device)["unreadable"] == 0:
+            if ours["reshard"]:
+                return cand, ours
             load_path, _ = engine.load_checkpoint(root, tag=os.path.basename(cand), load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
             if load_path is None:
@@ -426,6 +453,7 @@ def checkpoint_config(ckpt: Checkpoint):
 
 
 MASTER_NAMES = "vlp_fp32_master_names"  # client-state key: names of DeepSpeed's unnamed fp32 master copies
+OPTIMIZER_NAMES = "vlp_optimizer_param_names"  # client-state key: parameter names per torch optimizer group
 _ZERO_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 
 
@@ -439,6 +467,16 @@ def _master_names(engine) -> Dict[str, Any]:
         return {}
     names = {id(p): n for n, p in engine.module.named_parameters()}
     return {MASTER_NAMES: [[names[id(p)] for p in group] for group in engine.optimizer.fp16_groups]}
+
+
+def optimizer_names(engine) -> Dict[str, Any]:
+    """Client state naming the parameters of each optimizer group at stage 0 (torch's optimizer state
+    numbers them only): what `vlp.train.reshard` needs to resume the moments on another layout."""
+    opt = engine.optimizer
+    if not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "optimizer"):
+        return {}
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return {OPTIMIZER_NAMES: [[names.get(id(p), "?") for p in g["params"]] for g in opt.param_groups]}
 
 
 def _load_deepspeed_file(path: str) -> Dict[str, Any]:
@@ -567,4 +605,4 @@ def consolidated_state_dict(ckpt_dir: str) -> Dict[str, torch.Tensor]:
 __all__ = ["CheckpointError", "CheckpointNotFound", "Checkpoint", "write_atomic", "find_resume", "save", "load",
            "prune", "complete_checkpoints", "RunLock", "check_run_dir", "fsync_tree", "step_tag", "step_of",
            "rng_state", "set_rng_state", "find_checkpoint", "checkpoint_config", "consolidated_state_dict",
-           "CHECKPOINTS", "LATEST", "STATE_FILE", "CONFIG_FILE", "MASTER_NAMES"]
+           "CHECKPOINTS", "LATEST", "STATE_FILE", "CONFIG_FILE", "MASTER_NAMES", "OPTIMIZER_NAMES"]

@@ -185,6 +185,10 @@ class FixedBatches:
     def load_state_dict(self, sd):
         self.pos = sd["pos"]
 
+    def load_states(self, states):
+        """Any layout: every rank has read the same number of global batches (a resume on other ranks)."""
+        self.pos = states[0]["pos"]
+
 
 def fixed(path: str):
     """A `make_loader` for `vlp.train.train` over the global batches in `path`."""
@@ -216,7 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", type=int, default=None)
     p.add_argument("--fixed", help="file of global batches (FixedBatches)")
     p.add_argument("--runs", default="zero0:train.zero_stage=0",
-                   help="with --fixed: NAME:key=value,key=value ... runs one after the other into OUTPUT_DIR/NAME")
+                   help="with --fixed: NAME:key=value,key=value ... runs one after the other into OUTPUT_DIR/NAME "
+                        "(a NAME starting with 'data' reads the real data pipeline instead of the fixed batches)")
     p.add_argument("--fault", default="", help="kill|term|int:RANK:BATCH")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -226,7 +231,7 @@ def main(argv=None) -> int:
         for run in args.runs.split():
             name, _, extra = run.partition(":")
             overrides = args.overrides + [kv for kv in extra.split(",") if kv] + [f"output_dir={base.output_dir}/{name}"]
-            rc = worker_main(args.config, overrides, make_loader=fixed(args.fixed))
+            rc = worker_main(args.config, overrides, make_loader=None if name.startswith("data") else fixed(args.fixed))
             if rc:
                 return rc
         rc = _shutdown_after(0)

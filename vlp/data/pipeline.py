@@ -26,13 +26,15 @@ names the worst shard. A caption field holding several captions (one per line) g
 Resume is exact in every mode (epoch, resampled, mixed): each batch carries its worker's stream
 snapshot (`stream.py`); `state_dict()` keeps the latest per worker. A restored loader restarts the
 epoch's workers from those snapshots and rotates the DataLoader workers so the round-robin
-continues at the worker that was next. It needs the same world size, `data.workers`, batch size,
-seed and sources; otherwise it warns and starts the next epoch. DataLoader workers are started
-afresh each epoch.
+continues at the worker that was next. On another world size, `data.workers` or batch size,
+`load_states` takes every rank's saved state and re-splits the rest of the epoch over the new
+slots (`EpochPlan`): each sample not yet consumed is consumed once. With other seeds or sources it
+warns and starts the next epoch. DataLoader workers are started afresh each epoch.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -42,7 +44,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.config import ConfigError
-from vlp.data.plan import batches_per_worker, epoch_ranges, resampled_ranges
+from vlp.data.plan import (Range, batches_per_worker, epoch_ranges, merge_ranges, resampled_ranges,
+                           window_ranges)
 from vlp.data.samples import SKIP_REASONS, collate, decode_sample, image_keys, pick_caption
 from vlp.data.shards import Shard, resolve_shards
 from vlp.data.stream import RawStream, SourceStream
@@ -75,7 +78,6 @@ class _Spec:
     world_size: int
     slots: int  # loader slots (DataLoader workers, at least 1) per rank
     batch_size: int
-    quota: int  # batches per slot per epoch (train)
     per_slot: List[int]  # epoch mode: samples per slot per pass, per source
     shuffle_buffer: int
     img_keys: List[str]
@@ -131,29 +133,64 @@ class _Counters:
         return {"seen": self.seen, "bad": self.bad}
 
 
-def _worker_rng(spec: _Spec, epoch: int, worker: int) -> np.random.Generator:
-    return np.random.default_rng([spec.seed & 0xFFFFFFFF, epoch, spec.rank, worker, 3])
+@dataclass
+class EpochPlan:
+    """What one epoch reads on this layout. The default: pass 0 of each source is its shards shuffled with
+    (seed, epoch), cut into `per_slot` pieces, `quota` batches per slot. After a resume on another layout
+    (`TrainLoader.load_states`) the rest of the epoch is explicit: `seqs[i]` is the sequence of source i's
+    samples not yet consumed, cut into the new slots' pieces; `segment` counts such re-splits (it seeds
+    the workers' RNG and resampled draws anew); `dropped` samples of it did not fill a global batch."""
+    quota: int
+    per_slot: List[int]
+    seqs: Optional[List[List[Range]]] = None
+    segment: int = 0
+    dropped: int = 0
+
+    def to_dict(self) -> dict:
+        return {"quota": self.quota, "per_slot": list(self.per_slot), "segment": self.segment,
+                "dropped": self.dropped, "seqs": [[list(r) for r in seq] for seq in self.seqs] if self.seqs else None}
+
+    @staticmethod
+    def from_dict(d: dict) -> "EpochPlan":
+        seqs = [[tuple(r) for r in seq] for seq in d["seqs"]] if d.get("seqs") else None
+        return EpochPlan(int(d["quota"]), [int(x) for x in d["per_slot"]], seqs, int(d.get("segment", 0)),
+                         int(d.get("dropped", 0)))
 
 
-def _source_streams(spec: _Spec, epoch: int, worker: int, on_error) -> List[SourceStream]:
+def _worker_rng(spec: _Spec, epoch: int, worker: int, segment: int = 0) -> np.random.Generator:
+    keys = [spec.seed & 0xFFFFFFFF, epoch, spec.rank, worker, 3] + ([segment] if segment else [])
+    return np.random.default_rng(keys)
+
+
+def _slot_plan(spec: _Spec, plan: EpochPlan, epoch: int, slot: int, rank: int, worker: int, source: int,
+               later_per_slot: Optional[List[int]] = None):
+    """Pass p -> the ranges source `source` gives slot `slot` (rank, worker) in `epoch` under `plan`; passes
+    after the first are whole shuffled passes cut into `later_per_slot` (default: this layout's) pieces."""
+    later = spec.per_slot if later_per_slot is None else later_per_slot
+    src = spec.sources[source]
+    if spec.resampled:
+        return lambda p: resampled_ranges(len(src.shards), spec.seed, epoch, rank, worker, source, p, plan.segment)
+    counts = [s.samples for s in src.shards]
+
+    def ranges(p: int) -> List[Range]:
+        if p == 0 and plan.seqs is not None:  # the rest of a re-split epoch
+            n = plan.per_slot[source]
+            return window_ranges(plan.seqs[source], slot * n, (slot + 1) * n)
+        return epoch_ranges(counts, spec.seed, epoch, source, p, slot, plan.per_slot[source] if p == 0 else later[source])
+    return ranges
+
+
+def _source_streams(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, on_error) -> List[SourceStream]:
     slot = spec.rank * spec.slots + worker
-    streams = []
-    for i, src in enumerate(spec.sources):
-        if spec.resampled:
-            def plan(p, n=len(src.shards), i=i):
-                return resampled_ranges(n, spec.seed, epoch, spec.rank, worker, i, p)
-        else:
-            def plan(p, counts=[s.samples for s in src.shards], i=i):
-                return epoch_ranges(counts, spec.seed, epoch, i, p, slot, spec.per_slot[i])
-        streams.append(SourceStream(i, src.shards, plan, on_error, timeout=spec.remote_timeout))
-    return streams
+    return [SourceStream(i, src.shards, _slot_plan(spec, plan, epoch, slot, spec.rank, worker, i), on_error,
+                         timeout=spec.remote_timeout) for i, src in enumerate(spec.sources)]
 
 
-def _train_batches(spec: _Spec, epoch: int, worker: int, snap: Optional[dict]) -> Iterator[Dict]:
-    """The `quota` batches of one slot in one epoch, continuing from `snap` when given."""
+def _train_batches(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, snap: Optional[dict]) -> Iterator[Dict]:
+    """The `plan.quota` batches of one slot in one epoch, continuing from `snap` when given."""
     counters = _Counters(spec, f"rank {spec.rank} worker {worker}", snap and snap.get("counters"))
-    rng = _worker_rng(spec, epoch, worker)
-    sources = _source_streams(spec, epoch, worker, lambda reason, url, n: counters.skip(reason, url, n))
+    rng = _worker_rng(spec, epoch, worker, plan.segment)
+    sources = _source_streams(spec, plan, epoch, worker, lambda reason, url, n: counters.skip(reason, url, n))
     single_epoch = not spec.resampled and len(spec.sources) == 1
     raw = RawStream(sources, [s.weight for s in spec.sources], spec.shuffle_buffer, rng,
                     drain_between_passes=single_epoch)
@@ -161,7 +198,7 @@ def _train_batches(spec: _Spec, epoch: int, worker: int, snap: Optional[dict]) -
     if snap:
         raw.restore(snap["stream"], on_missing=lambda n: counters.skip("read_error", "(shuffle buffer)", n))
         done = int(snap["batches"])
-    while done < spec.quota:
+    while done < plan.quota:
         images, captions, keys = [], [], []
         mix = [0] * len(spec.sources)
         repeated = 0
@@ -204,14 +241,14 @@ def _data_loader(dataset: IterableDataset, workers: int) -> DataLoader:
 
 
 class _TrainDataset(IterableDataset):
-    def __init__(self, spec: _Spec, epoch: int, rotation: int, snaps: Dict[int, dict]):
+    def __init__(self, spec: _Spec, plan: EpochPlan, epoch: int, rotation: int, snaps: Dict[int, dict]):
         super().__init__()
-        self.spec, self.epoch, self.rotation, self.snaps = spec, epoch, rotation, snaps
+        self.spec, self.plan, self.epoch, self.rotation, self.snaps = spec, plan, epoch, rotation, snaps
 
     def __iter__(self):
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.rotation) % self.spec.slots
-        return _train_batches(self.spec, self.epoch, worker, self.snaps.get(worker))
+        return _train_batches(self.spec, self.plan, self.epoch, worker, self.snaps.get(worker))
 
 
 def _sources(data) -> List[Source]:
@@ -244,35 +281,25 @@ class TrainLoader:
                                          for spec, what in zip(specs, whats)])
         for src, shards in zip(sources, resolved):
             src.shards = shards
-        totals = [sum(s.samples or 0 for s in src.shards) for src in sources]
-        single_epoch = not data.resampled and len(sources) == 1
-        per_slot = []
-        if single_epoch:
-            quota = batches_per_worker(totals[0], self.world_size, slots, self.batch_size, whats[0])
-            per_slot = [quota * self.batch_size]
-            self.dropped_per_epoch = totals[0] - quota * self.batch_size * slots * self.world_size
-        else:
-            total = data.samples_per_epoch if data.samples_per_epoch > 0 else sum(totals)
-            quota = batches_per_worker(total, self.world_size, slots, self.batch_size,
-                                       "data.samples_per_epoch" if data.samples_per_epoch > 0 else whats[0])
-            if not data.resampled:
-                per_slot = [n // (self.world_size * slots) for n in totals]
-                for n, what in zip(per_slot, whats):
-                    if n == 0:
-                        raise ConfigError(f"{what}: fewer samples than loader slots (world size x data.workers)")
-            self.dropped_per_epoch = 0
+        self._totals = [sum(s.samples or 0 for s in src.shards) for src in sources]
+        self._whats = whats
+        self._resampled, self._samples_per_epoch = bool(data.resampled), int(data.samples_per_epoch)
+        plan = self._default_plan(self.world_size, slots, self.batch_size)
+        per_slot = plan.per_slot
+        self.dropped_per_epoch = plan.dropped
         size = resolve_image_cfg(image_cfg, data)
         self.image_cfg = size
         self.spec = _Spec(
             sources=sources, resampled=bool(data.resampled), seed=self.seed, rank=self.rank,
-            world_size=self.world_size, slots=slots, batch_size=self.batch_size, quota=quota,
+            world_size=self.world_size, slots=slots, batch_size=self.batch_size,
             per_slot=per_slot, shuffle_buffer=int(data.shuffle_buffer), img_keys=image_keys(data.image_key),
             caption_key=data.caption_key,
             transform=ImageTransform(size["size"], True, tuple(data.crop_scale), data.interpolation, data.hflip,
                                      (data.randaugment.n, data.randaugment.m)),
             mean=size["mean"], std=size["std"], tokenizer=tokenizer,
             max_corrupt_fraction=float(data.max_corrupt_fraction), remote_timeout=timeout)
-        self.batches_per_epoch = quota * slots
+        self.plan = plan  # this epoch's; the default one unless the run was resumed on another layout
+        self.batches_per_epoch = plan.quota * slots
         self.epoch = 0
         self.consumed = 0  # batches handed out in this epoch
         self._snaps: Dict[int, dict] = {}
@@ -282,6 +309,28 @@ class TrainLoader:
         self._skipped: Counter = Counter()
         self._skipped_by_shard: Counter = Counter()
         self._mix = [0] * len(sources)
+        self._resplit_dropped = 0
+
+    def _default_plan(self, world: int, slots: int, batch: int) -> EpochPlan:
+        """The plan of an epoch read by `world` ranks x `slots` loader slots x batches of `batch`."""
+        totals, whats = self._totals, self._whats
+        if not self._resampled and len(totals) == 1:
+            quota = batches_per_worker(totals[0], world, slots, batch, whats[0])
+            return EpochPlan(quota, [quota * batch], dropped=totals[0] - quota * batch * slots * world)
+        spe = self._samples_per_epoch
+        total = spe if spe > 0 else sum(totals)
+        quota = batches_per_worker(total, world, slots, batch, "data.samples_per_epoch" if spe > 0 else whats[0])
+        per_slot = []
+        if not self._resampled:
+            per_slot = [n // (world * slots) for n in totals]
+            for n, what in zip(per_slot, whats):
+                if n == 0:
+                    raise ConfigError(f"{what}: fewer samples than loader slots (world size x data.workers)")
+        return EpochPlan(quota, per_slot)
+
+    def _reset_plan(self) -> None:
+        self.plan = self._default_plan(self.world_size, self.spec.slots, self.batch_size)
+        self.batches_per_epoch = self.plan.quota * self.spec.slots
 
     # ------------------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Dict]:
@@ -290,10 +339,12 @@ class TrainLoader:
             self.epoch += 1
             self.consumed = 0
             self._snaps = {}
+            if self.plan.seqs is not None or self.plan.segment:
+                self._reset_plan()
 
     def _expected_workers(self, rotation: int) -> Iterator[int]:
         """Round-robin order of logical workers for the rest of this epoch."""
-        left = {w: self.spec.quota - int(self._snaps.get(w, {}).get("batches", 0)) for w in range(self.spec.slots)}
+        left = {w: self.plan.quota - int(self._snaps.get(w, {}).get("batches", 0)) for w in range(self.spec.slots)}
         order = [(j + rotation) % self.spec.slots for j in range(self.spec.slots)]
         while any(left.values()):
             for w in order:
@@ -304,7 +355,8 @@ class TrainLoader:
     def _epoch(self) -> Iterator[Dict]:
         rotation = self.consumed % self.spec.slots
         expected = self._expected_workers(rotation)
-        loader = _data_loader(_TrainDataset(self.spec, self.epoch, rotation, dict(self._snaps)), self.workers)
+        loader = _data_loader(_TrainDataset(self.spec, self.plan, self.epoch, rotation, dict(self._snaps)),
+                              self.workers)
         for batch in loader:
             meta = batch.pop("_meta")
             want = next(expected, None)
@@ -331,39 +383,169 @@ class TrainLoader:
                 "sources": [[s.name, len(s.shards)] for s in self.spec.sources]}
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position: epoch, batches consumed, per-worker stream snapshots, stats."""
-        return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.consumed,
-                "layout": self._layout(), "workers": {str(w): s for w, s in self._snaps.items()},
-                "stats": self._stat_counts()}
+        """JSON-serialisable position: epoch, batches consumed, per-worker stream snapshots, stats (and the
+        epoch's plan after a re-split)."""
+        sd = {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.consumed,
+              "layout": self._layout(), "workers": {str(w): s for w, s in self._snaps.items()},
+              "stats": self._stat_counts()}
+        if self.plan.seqs is not None or self.plan.segment:
+            sd["plan"] = self.plan.to_dict()
+        return sd
 
-    def load_state_dict(self, sd: dict) -> None:
-        if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {sd.get('version')!r}; this vlp reads {STATE_VERSION}")
-        counts = sd.get("stats", {})
+    def _load_stats(self, counts: dict) -> None:
         self._samples, self._batches = int(counts.get("samples", 0)), int(counts.get("batches", 0))
         self._repeated = int(counts.get("repeated", 0))
         self._skipped = Counter(counts.get("skipped", {}))
         self._skipped_by_shard = Counter(counts.get("skipped_by_shard", {}))
         self._mix = list(counts.get("mix_counts", self._mix))
+        self._resplit_dropped = int(counts.get("dropped_at_resplit", 0))
+
+    def load_state_dict(self, sd: dict) -> None:
+        """This rank's saved position on the same layout (see `load_states` for any layout)."""
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {sd.get('version')!r}; this vlp reads {STATE_VERSION}")
+        self._load_stats(sd.get("stats", {}))
         self.epoch, self.consumed = int(sd["epoch"]), int(sd["batches"])
         self._snaps = {int(w): s for w, s in sd.get("workers", {}).items()}
+        if sd.get("plan"):
+            self.plan = EpochPlan.from_dict(sd["plan"])
+            self.batches_per_epoch = self.plan.quota * self.spec.slots
         if sd.get("layout") != self._layout() and self.consumed > 0:
             log.warning("data loader state was saved with %s, now %s: the rest of epoch %d is skipped, "
                         "continuing with epoch %d", sd.get("layout"), self._layout(), self.epoch, self.epoch + 1)
-            self.epoch, self.consumed, self._snaps = self.epoch + 1, 0, {}
+            self._next_epoch()
         if self.consumed >= self.batches_per_epoch:
-            self.epoch, self.consumed, self._snaps = self.epoch + 1, 0, {}
+            self._next_epoch()
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.consumed, self._snaps = self.epoch + 1, 0, {}
+        self._reset_plan()
+
+    def load_states(self, states: List[dict]) -> None:
+        """Every rank's saved position (rank order), on any layout. With this rank's layout unchanged it is
+        `load_state_dict(states[rank])`, exact. Otherwise (another world size, data.workers or batch size)
+        the samples of the current epoch that no rank consumed yet are laid end to end, in the old slots'
+        order, and cut anew over this layout's slots: each is consumed once, none consumed before comes back;
+        what does not fill a last global batch is dropped and counted (`dropped_at_resplit`). Later epochs
+        are planned from the seed and the epoch alone, as always."""
+        for sd in states:
+            if sd.get("version") != STATE_VERSION:
+                raise ValueError(f"data loader state version {sd.get('version')!r}; this vlp reads {STATE_VERSION}")
+        if len(states) == self.world_size and states[self.rank].get("layout") == self._layout():
+            return self.load_state_dict(states[self.rank])
+        old = states[0]["layout"]
+        mine = self._layout()
+        epochs = {(int(sd["epoch"]), int(sd["batches"])) for sd in states}
+        if len(epochs) != 1:
+            raise ValueError(f"the ranks' saved loader positions disagree (epoch, batches): {sorted(epochs)}")
+        if self.rank == 0:  # one rank carries the totals so far: they are summed over ranks in the logs
+            summed: Dict[str, Any] = {}
+            for sd in states:
+                for k, v in sd.get("stats", {}).items():
+                    if isinstance(v, dict):
+                        summed[k] = dict(Counter(summed.get(k, {})) + Counter(v))
+                    elif isinstance(v, list):
+                        summed[k] = [a + b for a, b in zip(summed.get(k, [0] * len(v)), v)]
+                    else:
+                        summed[k] = summed.get(k, 0) + v
+            self._load_stats(summed)
+        self.epoch, self.consumed, self._snaps = int(states[0]["epoch"]), 0, {}
+        same_data = all(old.get(k) == mine.get(k) for k in ("seed", "resampled", "sources"))
+        if not same_data:
+            log.warning("data loader state was saved with seed/sources %s, now %s: the rest of epoch %d is skipped, "
+                        "continuing with epoch %d", {k: old.get(k) for k in ("seed", "resampled", "sources")},
+                        {k: mine.get(k) for k in ("seed", "resampled", "sources")}, self.epoch, self.epoch + 1)
+            return self._next_epoch()
+        self._resplit(states)
+
+    def _old_plan(self, sd: dict) -> EpochPlan:
+        lay = sd["layout"]
+        return EpochPlan.from_dict(sd["plan"]) if sd.get("plan") else \
+            self._default_plan(int(lay["world_size"]), int(lay["slots"]), int(lay["batch_size"]))
+
+    def _slot_rest(self, plan: EpochPlan, later: List[int], slot: int, rank: int, worker: int,
+                   snap: Optional[dict]) -> List[List[Range]]:
+        """Per source, the ranges of one old slot's pass that it has not consumed: the samples in its shuffle
+        buffer, then what it has not read. Single-source epochs count pass 0 only (later passes of a slot
+        make up for corrupt samples and are another slot's samples again)."""
+        spec, single = self.spec, len(self.spec.sources) == 1
+        out: List[List[Range]] = []
+        for i in range(len(spec.sources)):
+            fn = _slot_plan(spec, plan, self.epoch, slot, rank, worker, i, later)
+            cache: Dict[int, List[Range]] = {}
+
+            def ranges(p: int) -> List[Range]:
+                if p not in cache:
+                    cache[p] = fn(p)
+                return cache[p]
+            if snap is None:
+                out.append(list(ranges(0)))
+                continue
+            stream = snap["stream"]
+            p_now, r_now, off = (int(x) for x in stream["pos"][i])
+            rest: List[Range] = []
+            for s, p, r, k in sorted(tuple(int(x) for x in b) for b in stream["buf"]):
+                if s == i and (p == 0 or not single):
+                    shard, start, _ = ranges(p)[r]
+                    rest.append((shard, start + k, start + k + 1))
+            if p_now == 0 or not single:
+                plan_now = ranges(p_now)
+                for j in range(r_now, len(plan_now)):
+                    shard, start, end = plan_now[j]
+                    lo = start + (off if j == r_now else 0)
+                    if end is not None and lo < end:
+                        rest.append((shard, lo, end))
+            out.append(rest)
+        return out
+
+    def _resplit(self, states: List[dict]) -> None:
+        """The rest of the epoch, from every old rank's state, over this layout (see `load_states`)."""
+        lay = states[0]["layout"]
+        w0, s0, b0 = int(lay["world_size"]), int(lay["slots"]), int(lay["batch_size"])
+        old = self._old_plan(states[0])
+        later = [] if self._resampled else self._default_plan(w0, s0, b0).per_slot
+        consumed = int(states[0]["batches"])
+        world, slots, batch = self.world_size, self.spec.slots, self.batch_size
+        n_src = len(self.spec.sources)
+        seqs: List[List[Range]] = [[] for _ in range(n_src)]
+        if not self._resampled:
+            for r in range(w0):
+                workers = states[r].get("workers", {})
+                for w in range(s0):
+                    for i, rest in enumerate(self._slot_rest(old, later, r * s0 + w, r, w, workers.get(str(w)))):
+                        seqs[i].extend(rest)
+            seqs = [merge_ranges(seq) for seq in seqs]
+        lengths = [sum(e - a for _, a, e in seq) for seq in seqs]
+        if not self._resampled and n_src == 1:
+            remaining = lengths[0]
+        else:  # an epoch of mixed or resampled sources is a number of samples
+            remaining = max(0, (old.quota * s0 - consumed) * w0 * b0)
+        quota = remaining // (world * slots * batch)
+        dropped = remaining - quota * world * slots * batch
+        self._resplit_dropped += dropped if self.rank == 0 else 0
+        if self.rank == 0:
+            print(f"vlp train: data: the rest of epoch {self.epoch} ({remaining} samples not yet consumed by "
+                  f"{w0} rank(s) x {s0} loader slot(s) x batch {b0}) is re-split over {world} rank(s) x {slots} "
+                  f"slot(s) x batch {batch}: {quota} batch(es) per slot; {dropped} sample(s) that do not fill a "
+                  "global batch are dropped, like an epoch's tail", file=sys.stderr, flush=True)
+        if quota == 0:
+            return self._next_epoch()
+        per_slot = [quota * batch] if n_src == 1 and not self._resampled else \
+            ([n // (world * slots) for n in lengths] if not self._resampled else [])
+        self.plan = EpochPlan(quota, per_slot, None if self._resampled else seqs, old.segment + 1, dropped)
+        self.batches_per_epoch = quota * slots
 
     def _stat_counts(self) -> dict:
         return {"samples": self._samples, "batches": self._batches, "repeated": self._repeated,
                 "skipped": dict(self._skipped), "skipped_by_shard": dict(self._skipped_by_shard),
-                "mix_counts": list(self._mix)}
+                "mix_counts": list(self._mix), "dropped_at_resplit": self._resplit_dropped}
 
     def stats(self) -> dict:
         """Counts so far: samples, batches, skipped per reason, epoch, realised source mix."""
         out = {"samples": self._samples, "batches": self._batches, "epoch": self.epoch,
                "batches_this_epoch": self.consumed, "batches_per_epoch": self.batches_per_epoch,
                "dropped_per_epoch": self.dropped_per_epoch, "repeated": self._repeated,
+               "dropped_at_resplit": self._resplit_dropped,
                "skipped": {r: int(self._skipped.get(r, 0)) for r in SKIP_REASONS}}
         if len(self.spec.sources) > 1:
             total = max(1, sum(self._mix))

@@ -45,10 +45,37 @@ def epoch_ranges(counts: Sequence[int], seed: int, epoch: int, source: int, pass
     return window(counts, order, slot * per_slot, (slot + 1) * per_slot)
 
 
+def window_ranges(seq: Sequence[Range], lo: int, hi: int) -> List[Range]:
+    """Samples `lo <= i < hi` of an explicit sequence of ranges (the rest of an epoch after a re-split)."""
+    out: List[Range] = []
+    pos = 0
+    for shard, start, end in seq:
+        n = int(end) - int(start)
+        a, b = max(lo, pos), min(hi, pos + n)
+        if a < b:
+            out.append((int(shard), int(start) + a - pos, int(start) + b - pos))
+        pos += n
+        if pos >= hi:
+            break
+    return out
+
+
+def merge_ranges(seq: Sequence[Range]) -> List[Range]:
+    """Adjacent ranges of one shard joined: (3, 0, 5), (3, 5, 9) -> (3, 0, 9)."""
+    out: List[Range] = []
+    for shard, start, end in seq:
+        if out and out[-1][0] == shard and out[-1][2] == start:
+            out[-1] = (shard, out[-1][1], end)
+        else:
+            out.append((int(shard), int(start), int(end)))
+    return out
+
+
 def resampled_ranges(n_shards: int, seed: int, epoch: int, rank: int, worker: int, source: int,
-                     pass_: int) -> List[Range]:
-    """`n_shards` whole shards drawn with replacement, seeded per (seed, epoch, rank, worker)."""
-    picks = _rng(seed, epoch, rank, worker, source, pass_, 2).integers(0, n_shards, n_shards)
+                     pass_: int, segment: int = 0) -> List[Range]:
+    """`n_shards` whole shards drawn with replacement, seeded per (seed, epoch, rank, worker[, segment])."""
+    keys = (seed, epoch, rank, worker, source, pass_, 2) + ((segment,) if segment else ())
+    picks = _rng(*keys).integers(0, n_shards, n_shards)
     return [(int(i), 0, None) for i in picks]
 
 

@@ -342,6 +342,10 @@ class ALBEF(nn.Module):
         """Write the gathered momentum features at the pointer (same on every rank); the pointer wraps."""
         n, q = image_feat.shape[0], self.image_queue.shape[0]
         ptr = int(self.queue_ptr.item())
+        if ptr + n > q:  # resumed with another global batch: the oldest entry moves to 0, first out as before
+            for queue in (self.image_queue, self.text_queue):
+                queue.copy_(torch.roll(queue, -ptr, 0))
+            ptr = 0
         self.image_queue[ptr:ptr + n] = image_feat.to(self.image_queue.dtype)
         self.text_queue[ptr:ptr + n] = text_feat.to(self.text_queue.dtype)
         self.queue_ptr[0] = (ptr + n) % q

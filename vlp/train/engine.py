@@ -41,7 +41,7 @@ def build_engine(model: torch.nn.Module, groups: List[Dict[str, Any]], cfg: Dict
     import deepspeed
 
     optimizer = build_optimizer(groups, cfg.train, ds_cfg, device)
-    scheduler = build_scheduler(optimizer, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, int(ds_cfg["train_batch_size"]))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
     return engine, optimizer, scheduler

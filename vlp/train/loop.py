@@ -14,7 +14,10 @@ At every step boundary the ranks all-reduce one small vector (loss, metrics, tok
 non-finite flag, stop flag), so they stop together: on a non-finite loss (reported with the step
 and the batch keys, no checkpoint written) or after SIGINT/SIGTERM (a checkpoint is written first).
 Resume restores model, optimizer, schedule, each rank's data position and RNG states, so on CPU
-fp32 the losses after a resume equal those of an uninterrupted run.
+fp32 the losses after a resume equal those of an uninterrupted run. On another number of ranks or
+ZeRO stage the checkpoint is re-partitioned (`vlp.train.reshard`) and the data loader re-splits the rest of
+the epoch; with another global batch the schedule and the end of the run follow samples seen
+(`vlp.train.schedule`), so the loop runs until `train.steps` reference batches of samples are seen.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from vlp.train.grad_cache import check_model, grad_cache_step
 from vlp.train.init_from import init_from
 from vlp.train.init_sources import bad_path
 from vlp.train.metrics import MetricsWriter, check_wandb
+from vlp.train.reshard import load_resharded
 from vlp.train.mfu import OVER_100, Peak, resolve_peak
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -190,6 +194,42 @@ def _flat(d: Any, prefix: str = "", sep: str = ".") -> Dict[str, Any]:
     return out
 
 
+def _restore_loader(loader, state: Dict[str, Any], rank: int, world: int) -> None:
+    """Give the loader its position: every rank's saved state when it can re-split them over a new layout
+    (`load_states`, ours can), else this rank's own, which needs the checkpoint's world size."""
+    if hasattr(loader, "load_states"):
+        loader.load_states(state["loaders"])
+    elif state["loader"] is not None:
+        loader.load_state_dict(state["loader"])
+    else:
+        raise ckpt.CheckpointError(
+            f"the checkpoint was written by {state['world_size']} rank(s), this run has {world}, and the training "
+            f"loader ({type(loader).__name__}) has no load_states() to re-split its position over the new ranks")
+
+
+def _warn_batch_change(scheduler, samples_seen: int, step: int, cfg: DictConfig, world: int) -> None:
+    """One warning when the global batch differs from the run's reference batch: the schedule goes on by samples."""
+    t = cfg.train
+    batch = int(t.micro_batch_size) * int(t.grad_accum) * world
+    ref = int(getattr(scheduler, "ref_batch", batch))
+    if ref == batch:
+        return
+    total = int(getattr(scheduler, "total_samples", int(t.steps) * ref))
+    left = max(0, -(-(total - samples_seen) // batch))
+    print(f"vlp train: warning: the global batch is {batch} (micro_batch_size {t.micro_batch_size} x grad_accum "
+          f"{t.grad_accum} x {world} rank(s)); the run started with {ref}. The learning-rate schedule continues by "
+          f"samples seen ({samples_seen} of {total}; train.steps and train.warmup_steps count batches of {ref}), "
+          f"so the run ends after {left} more steps, at step {step + left}. The learning rate is not rescaled: "
+          "set train.lr yourself if the new batch needs another", file=sys.stderr, flush=True)
+
+
+def _total_samples(engine, cfg: DictConfig, world: int) -> int:
+    """Samples the run trains on: `train.steps` batches of its reference global batch (see vlp.train.schedule)."""
+    t = cfg.train
+    return int(getattr(engine.lr_scheduler, "total_samples",
+                       int(t.steps) * int(t.micro_batch_size) * int(t.grad_accum) * world))
+
+
 def default_loader(cfg: DictConfig, model: torch.nn.Module, rank: int, world_size: int):
     """The data pipeline's loader for this rank, with the tokenizer checked against the text tower."""
     tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -255,11 +295,23 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     step, samples_seen = 0, 0
     if resume_from is not None:
         resume_from, state = ckpt.load(engine, resume_from, rank, world, info.device, fallback=t.resume == "auto")
+        if state["reshard"]:
+            load_resharded(engine, resume_from, rank)
         step, samples_seen = state["step"], state["samples_seen"]
-        loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
+        _restore_loader(loader, state, rank, world)
+        if state["rng"] is not None:
+            ckpt.set_rng_state(state["rng"])
+        else:  # another world size: no rank's RNG state is this rank's; seeded from the seed, step and rank
+            _seed_all(int(t.seed) + 1_000_003 * step + rank)
         if rank == 0:
             print(f"vlp train: resumed from {resume_from} at step {step}", file=sys.stderr, flush=True)
+            if state["reshard"]:
+                print(f"vlp train: the checkpoint was written by {state['world_size']} rank(s) at ZeRO stage "
+                      f"{state['zero_stage']}, this run has {world} at stage {int(t.zero_stage)}: weights, AdamW "
+                      "moments and step, schedule and model state (queues, momentum towers) re-partitioned from "
+                      "whole per-parameter tensors; RNG streams re-seeded from train.seed, the step and the rank",
+                      file=sys.stderr, flush=True)
+            _warn_batch_change(engine.lr_scheduler, samples_seen, step, cfg, world)
             _warn_config_changes(resume_from, cfg)
     else:
         _seed_all(int(t.seed) + rank)  # per-rank streams for dropout and the like
@@ -332,12 +384,14 @@ def _run(state: TrainState) -> TrainResult:
     ga, mb = int(t.grad_accum), int(t.micro_batch_size)
     grad_cache = bool(t.grad_cache) and ga > 1  # with one micro-batch it is the plain step
     batches = _Batches(loader, info.device)
-    bar = tqdm(total=int(t.steps), initial=step, disable=rank != 0, dynamic_ncols=True, mininterval=1.0,
+    total_samples = _total_samples(engine, cfg, world)
+    steps_total = step + max(0, -(-(total_samples - samples_seen) // (mb * ga * world)))  # t.steps unless the batch changed
+    bar = tqdm(total=steps_total, initial=step, disable=rank != 0, dynamic_ncols=True, mininterval=1.0,
                unit="step", file=sys.stderr)
     result = TrainResult(step=step, samples_seen=samples_seen)
     window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
     warned_mfu, curves_at = False, time.perf_counter()
-    while step < t.steps:
+    while samples_seen < total_samples:
         lr = optimizer.param_groups[0]["lr"]
         metrics: List[Dict[str, torch.Tensor]] = []
         keys: List[List[str]] = []
@@ -364,6 +418,7 @@ def _run(state: TrainState) -> TrainResult:
             engine.module.after_step()
         step += 1
         samples_seen += mb * ga * world
+        final = samples_seen >= total_samples
         if t.log_keys:
             _log_keys(cfg.output_dir, rank, step, keys)
         names = sorted(k for k in metrics[0] if k != "loss")
@@ -383,14 +438,14 @@ def _run(state: TrainState) -> TrainResult:
         window_tokens += red["tokens"]
         bar.update(1)
         evals: Dict[str, float] = {}
-        if cfg.eval.every and (step % cfg.eval.every == 0 or step == t.steps):
+        if cfg.eval.every and (step % cfg.eval.every == 0 or final):
             t_eval = time.perf_counter()
             evals = _evaluate(engine.module, cfg, info)
             window_t0 += time.perf_counter() - t_eval  # keep eval time out of the throughput figures
             if rank == 0:
                 bar.write(f"step {step}: retrieval " + ", ".join(f"{k}={evals[k]:.3f}" for k in
                                                                    ("i2t_r1", "t2i_r1", "mean_recall") if k in evals))
-        if step % t.log_every == 0 or step == t.steps or stopping or evals:
+        if step % t.log_every == 0 or final or stopping or evals:
             stats = _loader_stats(loader, info.device)
             dt = max(time.perf_counter() - window_t0, 1e-9)
             sps = window_steps * mb * ga * world / dt
@@ -409,11 +464,10 @@ def _run(state: TrainState) -> TrainResult:
             result.last = record
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{sps:.1f}", refresh=False)
             window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
-        if stopping or step == t.steps or (t.save_every and step % t.save_every == 0):
+        if stopping or final or (t.save_every and step % t.save_every == 0):
             result.checkpoint = ckpt.save(engine, cfg.output_dir, step, samples_seen, loader.state_dict(),
                                           config_yaml, rank, world, int(t.keep_last))
-            final = stopping or step == t.steps
-            if rank == 0 and t.curves and (final or time.perf_counter() - curves_at > CURVES_EVERY_S):
+            if rank == 0 and t.curves and (final or stopping or time.perf_counter() - curves_at > CURVES_EVERY_S):
                 t_draw = time.perf_counter()
                 _draw_curves(cfg.output_dir, bar)
                 curves_at = time.perf_counter()
