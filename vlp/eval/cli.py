@@ -6,7 +6,6 @@ One process by default; `--nproc N` starts N ranks with the DeepSpeed launcher (
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 
@@ -45,7 +44,18 @@ sample is its `cls` field (an integer), else its json `label` or `class` field; 
 another json field (dotted: objects.0.shape). A label is a class index or a class name from
 --classnames (a file, one per line, or `imagenet`: open_clip's 1000 ImageNet-1k names). Samples
 without a label are skipped and counted. The default templates (`imagenet`) are CLIP's 80 ImageNet
-prompts, from open_clip. Example on the synthetic set:
+prompts, from open_clip.
+
+Layouts users' suites write are read as they are:
+- CLIP_benchmark's webdataset sets: DATA is the dataset folder (its test/ split is read) or the split
+  folder; samples carry `cls`; without --classnames/--templates, classnames.txt and
+  zeroshot_classification_templates.txt in the split folder or one level up are used (their `{c}`
+  placeholder is read as `{}`); the output names the files used.
+- A folder per class (torchvision ImageFolder): DATA/<class>/**/<image>. Labels follow the sorted
+  folder names; the folder names are the class names unless --classnames is given, then each folder
+  must name one of the classes (case and '_' vs ' ' ignored) or be a class index.
+
+Example on the synthetic set:
 
   vlp eval zeroshot --checkpoint runs/demo --data runs/demo/data/test --classnames shapes.txt \\
       --label-key objects.0.shape --templates "a photo of a {}." --out zs.json
@@ -54,7 +64,8 @@ prompts, from open_clip. Example on the synthetic set:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="MODEL", help="run, checkpoint or export directory")
-    p.add_argument("--data", required=True, metavar="DATA", help="shard spec (or Karpathy JSON for retrieval)")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="shard spec (or a Karpathy JSON for retrieval, a folder per class for zeroshot)")
     p.add_argument("--out", required=True, metavar="JSON", help="results file (written atomically)")
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size,
                    help=f"images per encoder batch (default {EvalConfig.batch_size})")
@@ -81,11 +92,14 @@ def _add_commands(sub) -> None:
     r.set_defaults(func=_guarded(run_retrieval_cli))
     z = sub.add_parser("zeroshot", help="zero-shot classification", description=ZEROSHOT_HELP, formatter_class=fmt)
     _common(z)
-    z.add_argument("--classnames", required=True, metavar="FILE",
-                   help="class names, one per line, in label order; or imagenet (open_clip's 1000 ImageNet-1k names)")
+    z.add_argument("--classnames", default=None, metavar="FILE",
+                   help="class names, one per line, in label order; or imagenet (open_clip's 1000 ImageNet-1k "
+                        "names); default: classnames.txt next to the shards (CLIP_benchmark), or the class "
+                        "folder names")
     z.add_argument("--templates", default=None, metavar="FILE_OR_TEMPLATE",
-                   help="prompt templates file (one per line, '{}' marks the class name), or one template; "
-                        "default: imagenet (CLIP's 80 ImageNet templates, from open_clip)")
+                   help="prompt templates file (one per line, '{}' or '{c}' marks the class name), or one "
+                        "template; default: zeroshot_classification_templates.txt next to the data "
+                        "(CLIP_benchmark), else imagenet (CLIP's 80 ImageNet templates, from open_clip)")
     z.add_argument("--label-key", default=None, help="json metadata field holding the label (dotted for nesting)")
     z.add_argument("--report", default=None, metavar="PNG",
                    help="also draw per-class accuracy and the confusion matrix, most-confused pairs named")
@@ -170,39 +184,41 @@ def _retrieval_summary(res, args) -> None:
 
 
 def run_zeroshot_cli(args) -> int:
+    from vlp.eval.zeroshot import evaluate_zeroshot, resolve_data
+
+    zd = resolve_data(args.data, args.classnames, args.templates, args.label_key)  # input errors before loading
     if args.nproc > 1:
         return _relaunch(args, "zeroshot")
     from vlp.dist import join_launcher_group
     from vlp.load import load_model
     from vlp.eval.report import git_commit, write_json_atomic
-    from vlp.eval.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot, read_classnames, read_templates
 
-    classnames = read_classnames(args.classnames)
-    if args.templates and "{}" in args.templates and not os.path.isfile(args.templates):
-        templates = [args.templates]
-    else:
-        templates = read_templates(args.templates or DEFAULT_TEMPLATES)
     rank, world, device = join_launcher_group()
+    if rank == 0:
+        print(f"vlp eval zeroshot: {len(zd.classnames)} class names from {zd.classnames_source}; "
+              f"{len(zd.templates)} templates from {zd.templates_source}", flush=True)
     loaded = load_model(args.checkpoint)
-    res = evaluate_zeroshot(loaded.model.to(device), loaded.tokenizer, loaded.preprocess, args.data, classnames,
-                            templates, label_key=args.label_key, batch_size=args.batch_size, workers=args.workers,
+    res = evaluate_zeroshot(loaded.model.to(device), loaded.tokenizer, loaded.preprocess, zd.spec, zd.classnames,
+                            zd.templates, label_key=args.label_key, batch_size=args.batch_size, workers=args.workers,
                             max_samples=args.max_samples, image_key=args.image_key, rank=rank, world_size=world,
                             device=device)
     if rank == 0:
         out = {"task": "zeroshot", **res, **_info(loaded), "git_commit": git_commit(), "world_size": world,
-               "data": {"spec": args.data, "classnames": args.classnames,
-                        "templates": args.templates or DEFAULT_TEMPLATES}}
+               "data": {"spec": args.data, **zd.describe()}}
         write_json_atomic(args.out, out)
         if args.report:
             from vlp.eval.report import write_zeroshot_png
-            write_zeroshot_png(out, args.report, args.data)
+            write_zeroshot_png(out, args.report, zd.spec)
         from vlp.console import summary
 
         m = res["metrics"]
         top5 = next(k for k in m if k.startswith("top") and k != "top1")
         worst = res["most_confused"][0] if res.get("most_confused") else None
         summary("vlp eval zeroshot: done", [
-            ("data", f"{res['n_samples']} images, {res['n_classes']} classes ({res['n_skipped']} skipped): {args.data}"),
+            ("data", f"{res['n_samples']} images, {res['n_classes']} classes ({res['n_skipped']} skipped): {args.data}"
+                     + (" (class folders)" if zd.layout == "image_folder" else "")),
+            ("class names", f"{len(zd.classnames)} from {zd.classnames_source}"),
+            ("templates", f"{len(zd.templates)} from {zd.templates_source}"),
             ("accuracy", f"top-1 {100 * m['top1']:.1f}  {top5} {100 * m[top5]:.1f}  mean per class "
                          f"{100 * m['mean_per_class_accuracy']:.1f}"),
             ("most confused", f"{worst['true']} → {worst['predicted']} ({100 * worst['share']:.0f}% of "

@@ -1,4 +1,5 @@
-"""Evaluation sets: WebDataset shards or a Karpathy split JSON, read in a fixed order, split by rank.
+"""Evaluation sets: WebDataset shards, a Karpathy split JSON or a folder-per-class image directory
+(torchvision ImageFolder's layout: `DIR/<class>/**/<image>`), read in a fixed order, split by rank.
 
 Every sample gets a global index (its position in the stream); rank r of W takes the indices with
 `index % W == r`, DataLoader workers split a rank's share further, and results are put back in index
@@ -11,6 +12,7 @@ unreadable ends that shard with one skip (`truncated_tar`, `read_error`) and the
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -25,6 +27,40 @@ from vlp.dist import ignore_stop_signals, kill_workers_at_exit
 
 IMAGE_KEYS = "jpg;jpeg;png;webp"
 CAPTION_KEY = "txt"
+# torchvision's `IMG_EXTENSIONS`: the files ImageFolder takes as images (case-insensitive)
+FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _class_files(folder: str) -> Iterator[str]:
+    """Image files under one class folder in ImageFolder's order: a sorted walk (links followed), each
+    folder's files sorted."""
+    for root, _, names in sorted(os.walk(folder, followlinks=True)):
+        for name in sorted(names):
+            if name.lower().endswith(FOLDER_IMAGE_EXTENSIONS):
+                yield os.path.join(root, name)
+
+
+def image_folder_classes(path: str) -> Optional[List[str]]:
+    """The class folder names, sorted (ImageFolder's labels 0..C-1 in this order), when `path` is a local
+    folder-per-class image directory: no *.tar in it or in its sub-folders, and an image file under at
+    least one sub-folder. Hidden folders (`.name`) are not classes. None for anything else."""
+    if "://" in path or not os.path.isdir(path) or glob.glob(os.path.join(glob.escape(path), "*.tar")):
+        return None
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    if not classes or any(glob.glob(os.path.join(glob.escape(os.path.join(path, c)), "*.tar")) for c in classes):
+        return None
+    if not any(next(_class_files(os.path.join(path, c)), None) for c in classes):
+        return None
+    return classes
+
+
+def _folder_records(root: str, labels: Optional[Dict[str, int]] = None) -> Iterator[Dict[str, Any]]:
+    """One record per image of a folder-per-class directory, class by class in sorted order; `cls` is the
+    class index: `labels[folder]`, else the folder's position among the sorted class folders."""
+    for i, name in enumerate(image_folder_classes(root) or []):
+        label = i if labels is None else labels[name]
+        for file in _class_files(os.path.join(root, name)):
+            yield {"__key__": os.path.splitext(os.path.relpath(file, root))[0], "__path__": file, "cls": label}
 
 
 def _shard_records(spec: str, what: str) -> Iterator[Dict[str, Any]]:
@@ -58,10 +94,13 @@ def _karpathy_records(path: str, images_dir: Optional[str], split: str) -> Itera
 
 
 def iter_records(data: str, images_dir: Optional[str] = None, split: str = "test",
-                 what: str = "--data") -> Iterator[Dict[str, Any]]:
+                 what: str = "--data", folder_labels: Optional[Dict[str, int]] = None) -> Iterator[Dict[str, Any]]:
     """Raw samples of an eval set in a fixed order: shards (a spec as `vlp.data.shards` reads it:
-    directory, brace pattern, '::' list, URL), or a Karpathy JSON (`*.json`). `what` names the
-    option in errors."""
+    directory, brace pattern, '::' list, URL), a Karpathy JSON (`*.json`), or a folder-per-class image
+    directory (records with `__path__` and `cls`, see `_folder_records`). `what` names the option in
+    errors."""
+    if image_folder_classes(data) is not None:
+        return _folder_records(data, folder_labels)
     if data.endswith(".json"):
         if not os.path.isfile(data):
             raise FileNotFoundError(f"{what}: Karpathy split file {data!r} does not exist")
@@ -77,7 +116,10 @@ def expected_samples(data: str, split: str = "test", max_samples: int = 0, rank:
     None otherwise. For progress bars only."""
     n: Optional[int] = None
     try:
-        if data.endswith(".json"):
+        classes = image_folder_classes(data)
+        if classes is not None:
+            n = sum(1 for c in classes for _ in _class_files(os.path.join(data, c)))
+        elif data.endswith(".json"):
             with open(data) as f:
                 n = sum(1 for e in json.load(f).get("images", []) if e.get("split") == split)
         else:
@@ -143,17 +185,21 @@ class EvalDataset(IterableDataset):
 
     Yields dicts with `index`, `key`, and either `skip` (a reason) or `image` (tensor) plus
     `captions` (retrieval) or `label` (when `label_fn` is given: record -> class index or a skip reason).
+    `folder_labels` maps class folder -> class index for a folder-per-class directory (default: the
+    folder's sorted position).
     """
 
     def __init__(self, data: str, preprocess: Callable, rank: int = 0, world_size: int = 1,
                  label_fn: Optional[Callable[[Dict[str, Any]], Any]] = None, images_dir: Optional[str] = None,
                  split: str = "test", image_key: str = IMAGE_KEYS, caption_key: str = CAPTION_KEY,
-                 max_samples: int = 0, what: str = "--data"):
+                 max_samples: int = 0, what: str = "--data", folder_labels: Optional[Dict[str, int]] = None):
         super().__init__()
-        if data.endswith(".json") and not os.path.isfile(data):
+        folder = image_folder_classes(data) is not None
+        if data.endswith(".json") and not folder and not os.path.isfile(data):
             raise FileNotFoundError(f"{what}: Karpathy split file {data!r} does not exist")
-        if not data.endswith(".json"):
+        if not data.endswith(".json") and not folder:
             expand_shards(data, what)  # a bad spec fails here, before any worker starts
+        self.folder_labels = folder_labels
         self.what = what
         self.data, self.preprocess, self.rank, self.world_size = data, preprocess, rank, world_size
         self.label_fn, self.images_dir, self.split = label_fn, images_dir, split
@@ -187,7 +233,8 @@ class EvalDataset(IterableDataset):
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for index, rec in enumerate(iter_records(self.data, self.images_dir, self.split, self.what)):
+        for index, rec in enumerate(iter_records(self.data, self.images_dir, self.split, self.what,
+                                                 self.folder_labels)):
             if self.max_samples and index >= self.max_samples:
                 break
             if index % self.world_size != self.rank or (index // self.world_size) % nw != wid:
