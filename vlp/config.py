@@ -28,11 +28,19 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------- data
 @dataclass
 class SourceConfig:
-    """One weighted shard source for mixing."""
+    """One weighted source for mixing: tar shards, or a Hugging Face `datasets` dataset (kind: hf)."""
 
     shards: str = ""  # shard spec: brace pattern, list joined by '::', local/http(s)/pipe: URLs
     weight: float = 1.0
     name: str = ""  # label used when reporting the realised mix; defaults to the index
+    kind: str = "shards"  # shards | hf (streamed with datasets.load_dataset; vlp.data.hf_source)
+    path: str = ""  # kind hf: Hub dataset name or local path, as load_dataset takes it
+    config: str = ""  # kind hf: the dataset's config name (load_dataset's `name`)
+    split: str = "train"  # kind hf
+    revision: str = ""  # kind hf: a Hub revision (branch, tag, commit)
+    image_column: str = "image"  # kind hf: the column with the image (datasets Image, bytes or a path)
+    caption_column: str = "caption"  # kind hf: the column with the caption
+    key_column: str = ""  # kind hf: a column of unique ids used as sample keys (default: position-derived)
 
 
 @dataclass
@@ -384,7 +392,13 @@ def _check_values(cfg: DictConfig) -> None:
     if resume not in ("auto", "none") and not os.path.exists(resume):
         raise ConfigError(f"bad value for 'train.resume': {resume!r} is neither 'auto', 'none' nor an existing path")
     for i, src in enumerate(cfg.data.sources):
-        if not src.shards:
+        if src.kind not in ("shards", "hf"):
+            raise ConfigError(f"bad value for 'data.sources[{i}].kind': {src.kind!r}; want shards or hf")
+        if src.kind == "hf" and not src.path:
+            raise ConfigError(f"'data.sources[{i}].path' is empty: kind hf needs a dataset name or local path")
+        if src.kind == "hf" and src.shards:
+            raise ConfigError(f"'data.sources[{i}]' is kind hf and also has shards: use one source per kind")
+        if src.kind == "shards" and not src.shards:
             raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec")
         if src.weight <= 0:
             raise ConfigError(f"bad value for 'data.sources[{i}].weight': must be > 0, got {src.weight}")

@@ -18,6 +18,10 @@ rest, fewer than `world_size * W * B` samples, is dropped, a different tail each
 the slot's next pass, counted as `repeated`. Resampled mode and weighted source mixing read
 infinite streams; an epoch is `data.samples_per_epoch` samples (0: the shards' total).
 
+A `data.sources` entry of kind hf streams a Hugging Face dataset instead of shards
+(`vlp.data.hf_source`): it is read by `datasets` per slot and counts as a weighted, length-less
+source (the epoch is `data.samples_per_epoch`, or the split's size when the dataset's info has it).
+
 Corrupt data is skipped and counted per reason (`samples.SKIP_REASONS`); each batch carries its
 worker's counts, summed by `stats()`. Once 100+ samples were read (per worker, and summed over a
 rank's workers) and more than `data.max_corrupt_fraction` of them were corrupt, `CorruptDataError`
@@ -65,6 +69,7 @@ class Source:
     name: str
     shards: List[Shard]
     weight: float
+    hf: Any = None  # kind hf: its data.sources entry (vlp.data.hf_source); shards stay empty
 
 
 @dataclass
@@ -180,10 +185,19 @@ def _slot_plan(spec: _Spec, plan: EpochPlan, epoch: int, slot: int, rank: int, w
     return ranges
 
 
-def _source_streams(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, on_error) -> List[SourceStream]:
+def _source_streams(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, on_error) -> List[Any]:
     slot = spec.rank * spec.slots + worker
-    return [SourceStream(i, src.shards, _slot_plan(spec, plan, epoch, slot, spec.rank, worker, i), on_error,
-                         timeout=spec.remote_timeout) for i, src in enumerate(spec.sources)]
+    streams: List[Any] = []
+    for i, src in enumerate(spec.sources):
+        if src.hf is not None:
+            from vlp.data.hf_source import HFSourceStream
+
+            streams.append(HFSourceStream(i, src.hf, slot, spec.world_size * spec.slots, spec.img_keys[0],
+                                          spec.caption_key, on_error, spec.shuffle_buffer))
+        else:
+            streams.append(SourceStream(i, src.shards, _slot_plan(spec, plan, epoch, slot, spec.rank, worker, i),
+                                        on_error, timeout=spec.remote_timeout))
+    return streams
 
 
 def _train_batches(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, snap: Optional[dict]) -> Iterator[Dict]:
@@ -256,7 +270,8 @@ def _sources(data) -> List[Source]:
         raise ConfigError("set either 'data.train_shards' or 'data.sources', not both")
     if not data.sources:
         return [Source("0", [], 1.0)]
-    return [Source(s.name or str(i), [], float(s.weight)) for i, s in enumerate(data.sources)]
+    return [Source(s.name or str(i), [], float(s.weight), s if s.kind == "hf" else None)
+            for i, s in enumerate(data.sources)]
 
 
 class TrainLoader:
@@ -277,12 +292,31 @@ class TrainLoader:
         timeout = float(data.remote_timeout)
         # rank 0 reads stats.json / counts the shards (a full download for remote ones without stats) and
         # every rank takes its answer: identical counts everywhere, each shard fetched once, not once per rank
-        resolved = run_on_rank0(lambda: [resolve_shards(spec, what, counts=need_counts, timeout=timeout)
-                                         for spec, what in zip(specs, whats)])
-        for src, shards in zip(sources, resolved):
+        spe = int(data.samples_per_epoch)
+
+        def resolve():
+            out = []
+            for src, spec, what in zip(sources, specs, whats):
+                if src.hf is None:
+                    out.append((resolve_shards(spec, what, counts=need_counts, timeout=timeout), None))
+                else:  # opened here once (columns checked before any worker starts); rows from its info
+                    from vlp.data.hf_source import epoch_size
+
+                    out.append(([], epoch_size(src.hf)))
+            return out
+        resolved = run_on_rank0(resolve)
+        for src, (shards, _) in zip(sources, resolved):
             src.shards = shards
-        self._totals = [sum(s.samples or 0 for s in src.shards) for src in sources]
-        self._whats = whats
+        for i, (src, (_, rows)) in enumerate(zip(sources, resolved)):
+            if src.hf is not None and spe <= 0 and rows is None:
+                raise ConfigError(f"data.sources[{i}] (hf: {src.hf.path}): the dataset does not say how many rows "
+                                  "its split has; set data.samples_per_epoch (samples per epoch over all sources)")
+        self._totals = [sum(s.samples or 0 for s in src.shards) if src.hf is None else int(rows or 0)
+                        for src, (_, rows) in zip(sources, resolved)]
+        self._streaming = any(src.hf is not None for src in sources)  # sources vlp's plans do not cut
+        self.spec_sources = sources
+        self._whats = [w if src.hf is None else f"data.sources[{i}] (hf: {src.hf.path})"
+                       for i, (w, src) in enumerate(zip(whats, sources))]
         self._resampled, self._samples_per_epoch = bool(data.resampled), int(data.samples_per_epoch)
         plan = self._default_plan(self.world_size, slots, self.batch_size)
         per_slot = plan.per_slot
@@ -314,7 +348,7 @@ class TrainLoader:
     def _default_plan(self, world: int, slots: int, batch: int) -> EpochPlan:
         """The plan of an epoch read by `world` ranks x `slots` loader slots x batches of `batch`."""
         totals, whats = self._totals, self._whats
-        if not self._resampled and len(totals) == 1:
+        if not self._resampled and len(totals) == 1 and not self._streaming:
             quota = batches_per_worker(totals[0], world, slots, batch, whats[0])
             return EpochPlan(quota, [quota * batch], dropped=totals[0] - quota * batch * slots * world)
         spe = self._samples_per_epoch
@@ -323,8 +357,8 @@ class TrainLoader:
         per_slot = []
         if not self._resampled:
             per_slot = [n // (world * slots) for n in totals]
-            for n, what in zip(per_slot, whats):
-                if n == 0:
+            for n, what, src in zip(per_slot, whats, self.spec_sources):
+                if n == 0 and src.hf is None:
                     raise ConfigError(f"{what}: fewer samples than loader slots (world size x data.workers)")
         return EpochPlan(quota, per_slot)
 
@@ -380,7 +414,7 @@ class TrainLoader:
     def _layout(self) -> dict:
         return {"world_size": self.world_size, "rank": self.rank, "slots": self.spec.slots,
                 "batch_size": self.batch_size, "seed": self.seed, "resampled": self.spec.resampled,
-                "sources": [[s.name, len(s.shards)] for s in self.spec.sources]}
+                "sources": [[s.name, s.hf.path if s.hf is not None else len(s.shards)] for s in self.spec.sources]}
 
     def state_dict(self) -> dict:
         """JSON-serialisable position: epoch, batches consumed, per-worker stream snapshots, stats (and the
@@ -508,7 +542,7 @@ class TrainLoader:
         world, slots, batch = self.world_size, self.spec.slots, self.batch_size
         n_src = len(self.spec.sources)
         seqs: List[List[Range]] = [[] for _ in range(n_src)]
-        if not self._resampled:
+        if not self._resampled and not self._streaming:
             for r in range(w0):
                 workers = states[r].get("workers", {})
                 for w in range(s0):
@@ -516,7 +550,7 @@ class TrainLoader:
                         seqs[i].extend(rest)
             seqs = [merge_ranges(seq) for seq in seqs]
         lengths = [sum(e - a for _, a, e in seq) for seq in seqs]
-        if not self._resampled and n_src == 1:
+        if not self._resampled and n_src == 1 and not self._streaming:
             remaining = lengths[0]
         else:  # an epoch of mixed or resampled sources is a number of samples
             remaining = max(0, (old.quota * s0 - consumed) * w0 * b0)
@@ -530,9 +564,10 @@ class TrainLoader:
                   "global batch are dropped, like an epoch's tail", file=sys.stderr, flush=True)
         if quota == 0:
             return self._next_epoch()
-        per_slot = [quota * batch] if n_src == 1 and not self._resampled else \
-            ([n // (world * slots) for n in lengths] if not self._resampled else [])
-        self.plan = EpochPlan(quota, per_slot, None if self._resampled else seqs, old.segment + 1, dropped)
+        cut = not self._resampled and not self._streaming  # vlp's plans cut the data: the rest is explicit
+        per_slot = ([quota * batch] if n_src == 1 else [n // (world * slots) for n in lengths]) if cut else \
+            self._default_plan(world, slots, batch).per_slot
+        self.plan = EpochPlan(quota, per_slot, seqs if cut else None, old.segment + 1, dropped)
         self.batches_per_epoch = quota * slots
 
     def _stat_counts(self) -> dict:

@@ -70,7 +70,18 @@ class SourceStream:
     def __next__(self):
         return next(self._gen)
 
-    def fetch(self, wanted: List[Pos]) -> Dict[Pos, dict]:
+    def describe(self) -> List[str]:
+        """The shard URLs of this slot's first pass (for error messages)."""
+        return sorted({self.shards[i].url for i, _, _ in self.plan(0)})
+
+    def extra_state(self, buffered: Sequence[Pos]) -> None:
+        """Nothing beyond `pos`: plans are functions of the seeds (an hf source keeps its dataset's state)."""
+        return None
+
+    def restore(self, pos: Sequence[int], extra: Optional[dict] = None) -> None:
+        self.pos = [int(x) for x in pos]
+
+    def fetch(self, wanted: List[Pos], extra: Optional[dict] = None) -> Dict[Pos, dict]:
         """Read the samples at the given positions of this source (for restoring a shuffle buffer)."""
         by_range: Dict[Tuple[int, int], List[int]] = defaultdict(list)
         for _, p, r, k in wanted:
@@ -117,7 +128,7 @@ class RawStream:
             self.passes += 1
             self._empty_passes += 1
             if self._empty_passes > 2:
-                urls = sorted({self.sources[s].shards[i].url for i, _, _ in self.sources[s].plan(0)})
+                urls = self.sources[s].describe()
                 raise RuntimeError(f"no readable sample in two passes over {len(urls)} shard(s), e.g. "
                                    f"{urls[:3]}: check the shard files (see the skipped counts)")
             if len(self.sources) == 1:
@@ -141,20 +152,26 @@ class RawStream:
 
     def snapshot(self) -> dict:
         """JSON-serialisable state: positions, buffered sample positions, drain flag, RNG."""
-        return {"pos": [list(s.pos) for s in self.sources], "buf": [list(p) for p, _ in self.buf],
+        buffered = [p for p, _ in self.buf]
+        snap = {"pos": [list(s.pos) for s in self.sources], "buf": [list(p) for p in buffered],
                 "draining": self.draining, "passes": self.passes, "rng": self.rng.bit_generator.state}
+        extra = [s.extra_state(buffered) for s in self.sources]
+        if any(e is not None for e in extra):
+            snap["extra"] = extra  # hf sources: the dataset's own state (vlp.data.hf_source)
+        return snap
 
     def restore(self, snap: dict, on_missing: Optional[Callable[[int], None]] = None) -> None:
         """Continue exactly where `snap` was taken (sources must be freshly built at pos 0)."""
         wanted = [tuple(p) for p in snap["buf"]]
+        extra = snap.get("extra") or [None] * len(self.sources)
         found: Dict[Pos, dict] = {}
-        for src in self.sources:
-            found.update(src.fetch([p for p in wanted if p[0] == src.index]))
+        for src, ex in zip(self.sources, extra):
+            found.update(src.fetch([p for p in wanted if p[0] == src.index], ex))
         self.buf = [(p, found[p]) for p in wanted if p in found]
         if on_missing and len(self.buf) < len(wanted):
             on_missing(len(wanted) - len(self.buf))
-        for src, pos in zip(self.sources, snap["pos"]):
-            src.pos = list(pos)
+        for src, pos, ex in zip(self.sources, snap["pos"], extra):
+            src.restore(pos, ex)
         self.draining = bool(snap["draining"])
         self.passes = int(snap.get("passes", 0))
         self.rng.bit_generator.state = snap["rng"]

@@ -90,8 +90,8 @@ def check_before_work(cfg: DictConfig, probe_lock: bool = True) -> None:
 
 def _check_shards(cfg: DictConfig) -> None:
     specs = [("data.train_shards", cfg.data.train_shards)] if cfg.data.train_shards else []
-    specs += [(f"data.sources[{i}].shards", s.shards) for i, s in enumerate(cfg.data.sources)]
-    if not specs:
+    specs += [(f"data.sources[{i}].shards", s.shards) for i, s in enumerate(cfg.data.sources) if s.kind == "shards"]
+    if not specs and not any(s.kind == "hf" for s in cfg.data.sources):
         raise ConfigError("no training data: set data.train_shards (a directory, brace pattern or '::' list) "
                           "or data.sources")
     if cfg.eval.every:
