@@ -242,3 +242,43 @@ def test_a_pushed_vlp_export_loads_by_hub_name(run, hub, online, tmp_path):
     assert remote.keys() == local.keys() and all(torch.equal(remote[k], local[k]) for k in local)
     assert any("/resolve/" in r["path"] or "/api/models/my-org/tiny-clip/revision/" in r["path"]
                for r in server.requests)
+
+
+def test_an_export_above_the_size_threshold_goes_up_resumably_in_large_folder_mode(hub, online, tmp_path, caplog):
+    """Above `large_threshold` bytes push() switches from one create_commit to HfApi.upload_large_folder
+    (upload_folder, its replacement, on huggingface_hub 2); the default threshold is a few GB. Every
+    visible file arrives with its bytes; hidden files (upload_large_folder's resume state) never do."""
+    import logging
+
+    from vlp.export.hub import LARGE_FOLDER_BYTES, describe, push, upload_method
+
+    url, server = hub
+    folder = tmp_path / "exp"
+    (folder / "images").mkdir(parents=True)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    (folder / "model.safetensors").write_bytes(os.urandom(3000))
+    (folder / "images" / "curves.png").write_bytes(os.urandom(500))
+    (folder / ".cache" / "huggingface").mkdir(parents=True)
+    (folder / ".cache" / "huggingface" / "state.json").write_text("{}")
+    size = sum(len(v) for k, v in _local_files(folder).items() if not k.startswith("."))
+    assert 1024 ** 3 <= LARGE_FOLDER_BYTES <= 50 * 1024 ** 3
+    assert upload_method(size) == "create_commit" and upload_method(LARGE_FOLDER_BYTES + 1) != "create_commit"
+    large = upload_method(size, large_threshold=size - 1)
+    assert large in ("upload_large_folder", "upload_folder")
+    assert f"resumably in several commits (HfApi.{large})" in describe(str(folder), "my-org/big", None, False,
+                                                                      large_threshold=size - 1)
+    assert "in one commit" in describe(str(folder), "my-org/big", None, False)
+
+    with caplog.at_level(logging.INFO, logger="vlp.export.hub"):
+        push(str(folder), "my-org/big", endpoint=url, commit_message="big export", large_threshold=size - 1)
+    assert f"with HfApi.{large}" in caplog.text
+    arrived = {p: c for commit in server.commits["my-org/big"] for p, c in commit["files"].items()}
+    local = {k: v for k, v in _local_files(folder).items() if not k.startswith(".")}
+    assert arrived == local and {"README.md", "model.safetensors", "images/curves.png"} == set(arrived)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vlp.export.hub"):
+        push(str(folder), "my-org/small", endpoint=url, commit_message="small export", large_threshold=size)
+    assert "with HfApi.create_commit" in caplog.text
+    (commit,) = server.commits["my-org/small"]
+    assert commit["files"] == local and commit["header"]["summary"] == "small export"

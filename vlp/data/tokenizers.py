@@ -74,7 +74,11 @@ class HFTokenizer:
     def __call__(self, texts: List[str]) -> Encoded:
         enc = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
                         return_tensors="pt")
-        return enc["input_ids"].long(), enc["attention_mask"].long()
+        ids = enc["input_ids"].long()
+        # SigLIP's tokenizers (Google's and vlp's SiglipModel exports) return no mask: the model reads every
+        # position, padding included, so the mask is all ones
+        mask = enc["attention_mask"].long() if "attention_mask" in enc else torch.ones_like(ids)
+        return ids, mask
 
 
 class SentencePieceTokenizer:

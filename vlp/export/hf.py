@@ -7,6 +7,12 @@ ViTs and text transformers, timm ViTs built CLIP-style (`pre_norm=True`). Otherw
 what vlp pools: transformers towers (pooled output kept), CLIP-shaped ViTs/text transformers, and
 timm ViTs without a pre-norm as `Dinov2Model` (same blocks; pooled output = normed class token).
 Beside the weights: a `CLIPImageProcessor` with the run's size/mean/std and the tokenizer.
+
+SigLIP models (`model.type: siglip`, with a learned logit bias) export only as `SiglipModel` (vlp.export.siglip_hf:
+SigLIP-style towers, logit scale and bias kept); CLIPModel and VisionTextDualEncoderModel have no logit bias, so a
+SigLIP model whose towers SiglipModel cannot hold is refused with the reason (`--format open_clip`/`vlp` keep it).
+ALIGN models are not mapped to transformers' `AlignModel` (see vlp.export.siglip_hf for why); they export as
+CLIPModel / VisionTextDualEncoderModel like CLIP models where their towers allow (ViTs, not EfficientNets).
 """
 from __future__ import annotations
 
@@ -94,11 +100,20 @@ def _no_init():
     return no_init_weights()
 
 
+def is_siglip(model: nn.Module) -> bool:
+    return getattr(model, "logit_bias", None) is not None
+
+
 def hf_model(model: nn.Module, cfg: Any, eot_id: Optional[int]) -> nn.Module:
-    """The transformers model (CLIPModel or VisionTextDualEncoderModel) holding `model`'s weights, fp32."""
+    """The transformers model (CLIPModel or VisionTextDualEncoderModel; SiglipModel for SigLIP) holding
+    `model`'s weights, fp32."""
     from transformers import CLIPConfig, CLIPModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
     check_dual_encoder(model)
+    if is_siglip(model):
+        from vlp.export.siglip_hf import hf_siglip
+
+        return hf_siglip(model, cfg)[0]
     reasons = []
     try:
         v = vision_part(model, cfg.model.vision)
@@ -150,6 +165,10 @@ def image_processor(image_cfg: Dict[str, Any]):
 def write_hf(model: nn.Module, cfg: Any, image_cfg: Dict[str, Any], out_dir: str, dtype: str,
              max_shard_size: str) -> Dict[str, Any]:
     """config.json + model.safetensors (sharded above max_shard_size) + preprocessor + tokenizer files."""
+    if is_siglip(model):
+        from vlp.export.siglip_hf import write_siglip
+
+        return write_siglip(model, cfg, image_cfg, out_dir, dtype, max_shard_size)
     tok = hf_tokenizer(cfg.data.tokenizer)
     eot = tok.eos_token_id if cfg.data.tokenizer.kind == "open_clip" else None
     out = hf_model(model, cfg, eot)
@@ -160,10 +179,7 @@ def write_hf(model: nn.Module, cfg: Any, image_cfg: Dict[str, Any], out_dir: str
     tok.save_pretrained(out_dir)
     notes = [f"transformers `{type(out).__name__}` with a `{type(out.vision_model).__name__}` vision tower and a "
              f"`{type(out.text_model).__name__}` text tower holding the trained weights (the same computation)."]
-    if getattr(model, "logit_bias", None) is not None:
-        notes.append(f"{type(out).__name__} has no logit bias: the trained SigLIP bias is "
-                     f"{float(model.logit_bias.detach().reshape(())):.4f} (add it to the logits yourself).")
     return {"architecture": type(out).__name__, "model_type": out.config.model_type, "notes": notes}
 
 
-__all__ = ["hf_model", "write_hf", "image_processor", "vision_part", "text_part"]
+__all__ = ["hf_model", "write_hf", "image_processor", "vision_part", "text_part", "is_siglip"]

@@ -243,8 +243,13 @@ def _tower_line(t: Any, module: Optional[nn.Module]) -> str:
     return f"{t.kind} `{name}`{extra}{locked}: {_fmt_count(_params(module))} parameters"
 
 
-def _usage(fmt: str, repo: str, on_hub: bool) -> str:
+def _usage(fmt: str, repo: str, on_hub: bool, siglip: bool = False) -> str:
     if fmt == "hf":
+        # SigLIP reads every position, padding included (as trained): padded to max_length, no attention mask
+        text_call = ('tokenizer(["a photo of a cat"], padding="max_length", return_tensors="pt")\n'
+                     'text = {"input_ids": text["input_ids"]}') if siglip else \
+            'tokenizer(["a photo of a cat"], padding=True, return_tensors="pt")'
+
         return f"""```python
 import torch
 from PIL import Image
@@ -253,7 +258,7 @@ from transformers import AutoModel, AutoProcessor, AutoTokenizer, AutoImageProce
 model = AutoModel.from_pretrained("{repo}").eval()
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
 image_processor = AutoImageProcessor.from_pretrained("{repo}")
-text = tokenizer(["a photo of a cat"], padding=True, return_tensors="pt")
+text = {text_call}
 pixels = image_processor(images=Image.open("cat.jpg"), return_tensors="pt")["pixel_values"]
 with torch.no_grad():
     image_emb = model.get_image_features(pixel_values=pixels).pooler_output
@@ -425,7 +430,7 @@ def model_card(model: nn.Module, cfg: Any, fmt: str, ckpt: Any, image_cfg: Dict[
     lines += [
         "## Usage",
         "",
-        _usage(fmt, repo, on_hub),
+        _usage(fmt, repo, on_hub, siglip=m.type == "siglip"),
         "",
         "## Intended use and limitations",
         "",

@@ -86,13 +86,19 @@ def _ln(m: nn.Module, what: str) -> Tuple[Tensor, Tensor, float]:
     return m.weight.detach().clone(), bias.detach().clone(), float(m.eps)
 
 
-def _act(m: nn.Module, what: str) -> str:
+def _act(m: nn.Module, what: str, tanh: bool = False) -> str:
+    """transformers' `hidden_act` name of an activation module; `tanh`: the target also takes GELU's tanh
+    approximation ("gelu_pytorch_tanh": SigLIP; the other layouts here have no such option)."""
     name = type(m).__name__
-    if name == "GELU" and getattr(m, "approximate", "none") == "none":
+    approx = getattr(m, "approximate", "none")
+    if name == "GELU" and approx == "none":
         return "gelu"
     if name == "QuickGELU":
         return "quick_gelu"
-    raise Unsupported(f"{what} activation {name} (want exact GELU or QuickGELU)")
+    if tanh and ((name == "GELU" and approx == "tanh") or name == "GELUTanh"):
+        return "gelu_pytorch_tanh"
+    want = "exact GELU, GELU(tanh) or QuickGELU" if tanh else "exact GELU or QuickGELU"
+    raise Unsupported(f"{what} activation {name}{'(' + approx + ')' if name == 'GELU' else ''} (want {want})")
 
 
 def _gamma(ls: nn.Module, what: str) -> Optional[Tensor]:
@@ -160,31 +166,7 @@ def vit_from_timm(m: nn.Module) -> ViT:
     img, patch = tuple(m.patch_embed.img_size), tuple(m.patch_embed.patch_size)
     if img[0] != img[1] or patch[0] != patch[1]:
         raise Unsupported(f"{what} has non-square images/patches {img}/{patch}")
-    eps: List[float] = []
-    blocks, act = [], None
-    for i, b in enumerate(m.blocks):
-        w = f"{what} block {i}"
-        if type(b).__name__ != "Block":
-            raise Unsupported(f"{w} is {type(b).__name__}, not a plain pre-norm Block")
-        a = b.attn
-        for name in ("q_norm", "k_norm", "norm"):
-            if not isinstance(getattr(a, name, nn.Identity()), nn.Identity):
-                raise Unsupported(f"{w} attention has {name}")
-        if not hasattr(a, "qkv") or getattr(a, "qkv", None) is None:
-            raise Unsupported(f"{w} attention has no fused qkv projection")
-        if not isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(b.mlp, "fc2"):
-            raise Unsupported(f"{w} MLP is {type(b.mlp).__name__} (want a 2-layer MLP without inner norm)")
-        a_act = _act(b.mlp.act, w)
-        if act not in (None, a_act):
-            raise Unsupported(f"{what} mixes activations")
-        act = a_act
-        ln1w, ln1b, e1 = _ln(b.norm1, f"{w} norm1")
-        ln2w, ln2b, e2 = _ln(b.norm2, f"{w} norm2")
-        eps += [e1, e2]
-        out_w, out_b = _scaled(a.proj.weight, a.proj.bias, _gamma(b.ls1, f"{w} ls1"))
-        fc2_w, fc2_b = _scaled(b.mlp.fc2.weight, b.mlp.fc2.bias, _gamma(b.ls2, f"{w} ls2"))
-        blocks.append(Block((ln1w, ln1b), a.qkv.weight.detach().clone(), _bias(a.qkv), out_w, out_b,
-                            (ln2w, ln2b), b.mlp.fc1.weight.detach().clone(), _bias(b.mlp.fc1), fc2_w, fc2_b))
+    blocks, eps, act = timm_blocks(m, what)
     pre = None
     if not isinstance(m.norm_pre, nn.Identity):
         pw, pb, pe = _ln(m.norm_pre, f"{what} norm_pre")
@@ -199,7 +181,38 @@ def vit_from_timm(m: nn.Module) -> ViT:
                m.cls_token.detach().reshape(-1).clone(), m.pos_embed.detach()[0].clone(), pre, (nw, nb))
 
 
-def _oc_blocks(transformer: nn.Module, what: str) -> Tuple[List[Block], List[float], str]:
+def timm_blocks(m: nn.Module, what: str, tanh: bool = False) -> Tuple[List[Block], List[float], str]:
+    """The plain pre-norm blocks of a timm VisionTransformer (LayerScale folded in), their LayerNorm eps
+    values and their activation (see `_act` for `tanh`)."""
+    eps: List[float] = []
+    blocks, act = [], None
+    for i, b in enumerate(m.blocks):
+        w = f"{what} block {i}"
+        if type(b).__name__ != "Block":
+            raise Unsupported(f"{w} is {type(b).__name__}, not a plain pre-norm Block")
+        a = b.attn
+        for name in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(a, name, nn.Identity()), nn.Identity):
+                raise Unsupported(f"{w} attention has {name}")
+        if not hasattr(a, "qkv") or getattr(a, "qkv", None) is None:
+            raise Unsupported(f"{w} attention has no fused qkv projection")
+        if not isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(b.mlp, "fc2"):
+            raise Unsupported(f"{w} MLP is {type(b.mlp).__name__} (want a 2-layer MLP without inner norm)")
+        a_act = _act(b.mlp.act, w, tanh)
+        if act not in (None, a_act):
+            raise Unsupported(f"{what} mixes activations")
+        act = a_act
+        ln1w, ln1b, e1 = _ln(b.norm1, f"{w} norm1")
+        ln2w, ln2b, e2 = _ln(b.norm2, f"{w} norm2")
+        eps += [e1, e2]
+        out_w, out_b = _scaled(a.proj.weight, a.proj.bias, _gamma(b.ls1, f"{w} ls1"))
+        fc2_w, fc2_b = _scaled(b.mlp.fc2.weight, b.mlp.fc2.bias, _gamma(b.ls2, f"{w} ls2"))
+        blocks.append(Block((ln1w, ln1b), a.qkv.weight.detach().clone(), _bias(a.qkv), out_w, out_b,
+                            (ln2w, ln2b), b.mlp.fc1.weight.detach().clone(), _bias(b.mlp.fc1), fc2_w, fc2_b))
+    return blocks, eps, act or "gelu"
+
+
+def _oc_blocks(transformer: nn.Module, what: str, tanh: bool = False) -> Tuple[List[Block], List[float], str]:
     from open_clip.transformer import ResidualAttentionBlock
 
     blocks, eps, act = [], [], None
@@ -209,7 +222,7 @@ def _oc_blocks(transformer: nn.Module, what: str) -> Tuple[List[Block], List[flo
             raise Unsupported(f"{w} is {type(b).__name__} (custom attention features are not mapped)")
         if hasattr(b, "ln_1_kv"):
             raise Unsupported(f"{w} is a cross-attention block")
-        a_act = _act(b.mlp.gelu, w)
+        a_act = _act(b.mlp.gelu, w, tanh)
         if act not in (None, a_act):
             raise Unsupported(f"{what} mixes activations")
         act = a_act
@@ -253,8 +266,8 @@ def vit_from_open_clip(v: nn.Module) -> ViT:
                v.positional_embedding.detach().clone(), pre, (nw, nb), proj)
 
 
-def text_from_open_clip(t: nn.Module) -> TextTransformer:
-    """open_clip TextTransformer with default blocks and no appended class token."""
+def text_from_open_clip(t: nn.Module, tanh: bool = False) -> TextTransformer:
+    """open_clip TextTransformer with default blocks and no appended class token (`tanh`: see `_act`)."""
     from open_clip.transformer import TextTransformer as OcText
 
     what = "open_clip TextTransformer"
@@ -262,7 +275,7 @@ def text_from_open_clip(t: nn.Module) -> TextTransformer:
         raise Unsupported(f"open_clip text tower {type(t).__name__} is not a TextTransformer")
     if t.cls_emb is not None:
         raise Unsupported(f"{what} appends a class token (CoCa-style)")
-    blocks, eps, act = _oc_blocks(t.transformer, what)
+    blocks, eps, act = _oc_blocks(t.transformer, what, tanh)
     fw, fb, fe = _ln(t.ln_final, f"{what} ln_final")
     enc = Encoder(t.width, t.heads, blocks[0].fc1_w.shape[0], _one_eps(eps + [fe], what), act, blocks)
     proj = proj_b = None
@@ -496,4 +509,4 @@ def vit_to_timm(v: ViT) -> Dict[str, Tensor]:
 
 __all__ = ["Unsupported", "ViT", "TextTransformer", "compose", "vit_from_timm", "vit_from_open_clip",
            "vit_from_hf", "text_from_open_clip", "vit_to_hf_clip", "vit_to_dinov2", "text_to_hf_clip",
-           "vit_to_open_clip", "vit_to_timm"]
+           "vit_to_open_clip", "vit_to_timm", "timm_blocks", "block_state", "HF_CLIP_KEYS"]
