@@ -12,7 +12,12 @@ export TOKENIZERS_PARALLELISM ?= false
 # file) inside this venv so a stale lock from another checkout can never make ranks wait forever.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: venv test demo bench clean
+# img2dataset (the URL downloader of `vlp data convert`) cannot share .venv: it requires webdataset<0.3, vlp
+# webdataset>=1. It gets its own venv inside .venv, where vlp finds it; tests/test_img2dataset.py runs it.
+I2D_VENV := $(VENV)/img2dataset
+I2D_STAMP := $(I2D_VENV)/.installed
+
+.PHONY: venv test demo bench clean img2dataset
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +27,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+$(I2D_STAMP):
+	test -x $(I2D_VENV)/bin/python || $(PY) -m venv $(I2D_VENV)
+	$(I2D_VENV)/bin/pip install -q img2dataset==1.47.0
+	touch $(I2D_STAMP)
+
+img2dataset: $(I2D_STAMP)
+
+test: $(STAMP) $(I2D_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

@@ -52,6 +52,8 @@ def _emit(result: Dict, as_json: bool, text: str) -> None:
 
 @_user_errors("convert")
 def _convert(args: argparse.Namespace) -> int:
+    import shlex
+
     from data_pipelines.convert import convert
 
     stats = convert(args.src, args.out, args.format, image_col=args.image_col, caption_col=args.caption_col,
@@ -60,10 +62,21 @@ def _convert(args: argparse.Namespace) -> int:
                     max_shard_bytes=args.max_shard_bytes, resize_max=args.resize_max, workers=args.workers,
                     prefix=args.prefix, min_size=args.min_size, timeout=args.timeout,
                     overwrite=args.overwrite, progress=not args.json, max_image_bytes=args.max_image_bytes,
-                    retries=args.retries)
+                    retries=args.retries, downloader=args.downloader, img2dataset=args.img2dataset,
+                    img2dataset_args=shlex.split(args.img2dataset_args or ""), resume=args.resume)
     skipped = ", ".join(f"{k}={v}" for k, v in stats["skipped"].items() if v) or "none"
     if args.json:
         _emit(stats, True, "")
+    elif stats.get("downloader") == "img2dataset":
+        from vlp.console import summary
+        summary("vlp data convert: done (downloaded by img2dataset)", [
+            ("source", f"table: {args.src} ({stats['rows']} rows)"),
+            ("written", f"{stats['written']} samples in {len(stats['shards'])} shard(s), "
+                        f"{stats['total_bytes'] / 1e6:.1f} MB"),
+            ("skipped", skipped),
+            ("shards", f"{args.out} (train on it as it is: data.train_shards={args.out})"),
+            ("details", f"{args.out}/NNNNN_stats.json (status_dict: each failure), NNNNN.parquet (every row)"),
+            ("next", f"vlp data inspect {args.out} --out {args.out}/contact.png")])
     else:
         from vlp.console import summary
         summary("vlp data convert: done", [
@@ -151,7 +164,11 @@ KEY.json (source path/url, width, height, extra metadata), plus OUT/stats.json w
 written, skips per reason and the shard list. The format is detected from SRC:
   folder       a directory of images with sidecar captions (NAME.jpg + NAME.txt), recursive
   table        .csv / .tsv / .parquet with an image column (path relative to the table's folder,
-               or an http(s) URL fetched with --timeout) and a caption column
+               or an http(s) URL) and a caption column. URLs are downloaded by img2dataset when it
+               is found (resizing, retries, opt-out headers, resume; its own environment, e.g.
+               `pipx install img2dataset`): OUT is then img2dataset's output (NNNNN.tar +
+               NNNNN_stats.json + NNNNN.parquet, no stats.json), which `vlp train` reads as it is.
+               Without img2dataset the built-in downloader takes tables of at most 10,000 URLs
   coco         COCO captions JSON (top-level "annotations"); images under --images-dir. One sample
                per image: txt = first caption, json "captions" = all; --all-captions: one per caption
   karpathy     Karpathy split JSON (COCO/Flickr30k, "images" with "sentences"), --split chooses.
@@ -196,6 +213,15 @@ digits, '_' and '-' only: webdataset splits a key at its first dot) and kept uni
                    help="skip URL images larger than this as download_too_large, e.g. 20MB; 0: no cap (default: 50MB)")
     p.add_argument("--retries", type=int, default=3,
                    help="retries of a URL answered with HTTP 429 or 5xx, 1, 2, 4 ... s apart (default: 3)")
+    p.add_argument("--downloader", default="auto", choices=["auto", "img2dataset", "builtin"],
+                   help="who downloads a table's URLs: auto (default) = img2dataset when found, else the "
+                   "built-in downloader for at most 10,000 URLs")
+    p.add_argument("--img2dataset", metavar="PATH", help="the img2dataset executable to run (default: "
+                   "$VLP_IMG2DATASET, img2dataset on PATH, or the one `make img2dataset` installs)")
+    p.add_argument("--img2dataset-args", metavar="ARGS", help="more img2dataset arguments, one quoted string, "
+                   "e.g. '--thread_count 16 --user_agent_token mybot'")
+    p.add_argument("--resume", action="store_true",
+                   help="img2dataset: continue an interrupted download into OUT (finished shards are kept)")
     p.add_argument("--overwrite", action="store_true", help="replace shards and stats.json in a non-empty OUT")
     p.add_argument("--json", action="store_true", help="print stats as JSON (and no progress bar)")
     p.set_defaults(func=_convert)

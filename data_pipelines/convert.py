@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
-from data_pipelines import sources
+from data_pipelines import download, sources
 from data_pipelines.images import MAX_IMAGE_BYTES, Loaded, Record, load_image
 from data_pipelines.shardspec import InputError
 from data_pipelines.shards import ShardWriter, prepare_out_dir, write_json_atomic
@@ -111,9 +111,16 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
             samples_per_shard: int = 1000, max_shard_bytes=0, resize_max: int = 0, workers: int = 1,
             prefix: str = "shard", min_size: int = 0, timeout: float = 10.0, overwrite: bool = False,
             progress: bool = True, max_image_bytes=MAX_IMAGE_BYTES, retries: int = 3,
-            retry_backoff: float = 1.0) -> Dict:
-    """Convert SRC into shards in OUT; returns the stats also written to OUT/stats.json. URL downloads: at
-    most `max_image_bytes` each, retried `retries` times on HTTP 429/5xx, `retry_backoff` x 1, 2, 4 ... s apart."""
+            retry_backoff: float = 1.0, downloader: str = "builtin", img2dataset: Optional[str] = None,
+            img2dataset_args: Iterable[str] = (), resume: bool = False) -> Dict:
+    """Convert SRC into shards in OUT; returns the stats also written to OUT/stats.json.
+
+    A table of URLs is downloaded by `downloader` (`data_pipelines.download`): 'img2dataset' runs img2dataset
+    (executable `img2dataset` or found as described there; `img2dataset_args` appended to its arguments,
+    `resume` continues an interrupted download in OUT) and writes its own shards and stats, no stats.json;
+    'builtin' fetches at most `download.BUILTIN_MAX_URLS` URLs here, each at most `max_image_bytes`, retried
+    `retries` times on HTTP 429/5xx, `retry_backoff` x 1, 2, 4 ... s apart; 'auto' (the command line's
+    default) takes img2dataset when found, else 'builtin' for a small table."""
     max_shard_bytes = parse_bytes(max_shard_bytes)
     max_image_bytes = parse_bytes(max_image_bytes)
     for name, val in (("--resize-max", resize_max), ("--min-size", min_size), ("--retries", retries),
@@ -124,6 +131,27 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
         raise InputError(f"--timeout must be > 0 seconds, got {timeout}")
     if samples_per_shard <= 0:
         raise InputError(f"--samples-per-shard must be > 0, got {samples_per_shard}")
+    if fmt == "auto":
+        fmt = sources.detect_format(src)
+    choice = download.Choice(None)
+    if fmt == "table":
+        _, icol, _, _ = sources.table_columns(src, image_col, caption_col, key_col)
+        choice = download.choose_downloader(src, icol, downloader, img2dataset)
+    elif downloader == "img2dataset":
+        raise InputError(f"--downloader img2dataset: {src!r} is not a table of URLs (.csv, .tsv, .parquet)")
+    if choice.kind == "img2dataset":
+        for name, val in (("--key-col", key_col), ("--max-shard-bytes", max_shard_bytes)):
+            if val:  # img2dataset keys samples by shard and row number and cuts shards by count only
+                raise InputError(f"{name} is not available when img2dataset downloads the table "
+                                 "(use --downloader builtin for a small table)")
+        return download.convert_with_img2dataset(
+            src, out, choice.executable, image_col, caption_col, samples_per_shard=samples_per_shard,
+            resize_max=resize_max, min_size=min_size, workers=workers, timeout=timeout, retries=retries,
+            overwrite=overwrite, resume=resume, extra=list(img2dataset_args), progress=progress)
+    if resume:
+        raise InputError("--resume continues an img2dataset download; this conversion does not use img2dataset")
+    if choice.note:
+        print(choice.note, file=sys.stderr)
     fmt, records = read_source(src, fmt, image_col, caption_col, key_col, images_dir, all_captions, split)
     prepare_out_dir(out, overwrite)
 
@@ -193,7 +221,8 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
         "options": {"prefix": prefix, "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
                     "resize_max": resize_max, "min_size": min_size, "all_captions": all_captions,
                     "split": split if fmt == "karpathy" else None, "workers": workers,
-                    "max_image_bytes": max_image_bytes, "retries": retries, "timeout": timeout},
+                    "max_image_bytes": max_image_bytes, "retries": retries, "timeout": timeout,
+                    "downloader": choice.kind},
     }
     write_json_atomic(os.path.join(out, "stats.json"), stats)
     return stats

@@ -136,6 +136,33 @@ def _jsonable(v) -> bool:
     return v is None or isinstance(v, (str, int, float, bool))
 
 
+def table_columns(src: str, image_col: Optional[str] = None, caption_col: Optional[str] = None,
+                  key_col: Optional[str] = None):
+    """(all columns, image column, caption column, key column or None) of a table; errors name the option."""
+    if not os.path.isfile(src):
+        raise InputError(f"table not found: {src!r}")
+    columns = _table_columns(src)
+    icol = _pick_column(columns, image_col, IMAGE_COLUMNS, "--image-col", src)
+    ccol = _pick_column(columns, caption_col, CAPTION_COLUMNS, "--caption-col", src)
+    kcol = _pick_column(columns, key_col, (), "--key-col", src) if key_col else None
+    return columns, icol, ccol, kcol
+
+
+def column_values(src: str, column: str) -> Iterator[object]:
+    """One column of a table, row by row, read in chunks (only that column where the format allows)."""
+    if src.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=_CHUNK, columns=[column]):
+            yield from batch.column(0).to_pylist()
+    else:
+        import pandas as pd
+
+        sep = "\t" if src.lower().endswith(".tsv") else ","
+        for chunk in pd.read_csv(src, sep=sep, dtype=str, na_filter=False, chunksize=_CHUNK, usecols=[column]):
+            yield from chunk[column].tolist()
+
+
 def read_table(src: str, image_col: Optional[str] = None, caption_col: Optional[str] = None,
                key_col: Optional[str] = None) -> Iterator[Record]:
     """CSV/TSV/Parquet rows: image path (relative to the table's folder) or http(s) URL + caption.
@@ -143,12 +170,7 @@ def read_table(src: str, image_col: Optional[str] = None, caption_col: Optional[
     Keys are the row index (9 digits, as img2dataset does) unless `key_col` names a column.
     Other scalar columns are copied into the sample's JSON.
     """
-    if not os.path.isfile(src):
-        raise InputError(f"table not found: {src!r}")
-    columns = _table_columns(src)
-    icol = _pick_column(columns, image_col, IMAGE_COLUMNS, "--image-col", src)
-    ccol = _pick_column(columns, caption_col, CAPTION_COLUMNS, "--caption-col", src)
-    kcol = _pick_column(columns, key_col, (), "--key-col", src) if key_col else None
+    _, icol, ccol, kcol = table_columns(src, image_col, caption_col, key_col)
     base = os.path.dirname(os.path.abspath(src))
 
     def gen():
