@@ -6,6 +6,8 @@ are absent come through as `None` so the converter can count them.
 """
 from __future__ import annotations
 
+import contextlib
+import csv
 import glob
 import json
 import os
@@ -113,12 +115,27 @@ def _table_rows(src: str) -> Iterable[List[Dict]]:
         for batch in pq.ParquetFile(src).iter_batches(batch_size=_CHUNK):
             yield batch.to_pylist()
     else:
-        import pandas as pd
+        with _csv_reader(src) as rows:
+            header = next(rows, [])
+            chunk: List[Dict] = []
+            for row in rows:
+                if not row:  # a blank line (pandas skipped them too)
+                    continue
+                chunk.append(dict(zip(header, row + [""] * (len(header) - len(row)))))
+                if len(chunk) == _CHUNK:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
 
-        sep = "\t" if src.lower().endswith(".tsv") else ","
-        # every cell as text; an empty cell is an empty string, not NaN
-        for chunk in pd.read_csv(src, sep=sep, dtype=str, na_filter=False, chunksize=_CHUNK):
-            yield chunk.to_dict("records")
+
+@contextlib.contextmanager
+def _csv_reader(src: str):
+    """Rows of a CSV/TSV as lists of text cells (an empty cell is an empty string): the stdlib's reader,
+    which is what pandas' `read_csv(dtype=str, na_filter=False)` gave, without the dependency."""
+    sep = "\t" if src.lower().endswith(".tsv") else ","
+    with open(src, newline="", encoding="utf-8") as f:
+        yield csv.reader(f, delimiter=sep)
 
 
 def _table_columns(src: str) -> List[str]:
@@ -126,10 +143,8 @@ def _table_columns(src: str) -> List[str]:
         import pyarrow.parquet as pq
 
         return list(pq.ParquetFile(src).schema_arrow.names)
-    import pandas as pd
-
-    sep = "\t" if src.lower().endswith(".tsv") else ","
-    return list(pd.read_csv(src, sep=sep, dtype=str, nrows=0).columns)
+    with _csv_reader(src) as rows:
+        return list(next(rows, []))
 
 
 def _jsonable(v) -> bool:
@@ -156,11 +171,12 @@ def column_values(src: str, column: str) -> Iterator[object]:
         for batch in pq.ParquetFile(src).iter_batches(batch_size=_CHUNK, columns=[column]):
             yield from batch.column(0).to_pylist()
     else:
-        import pandas as pd
-
-        sep = "\t" if src.lower().endswith(".tsv") else ","
-        for chunk in pd.read_csv(src, sep=sep, dtype=str, na_filter=False, chunksize=_CHUNK, usecols=[column]):
-            yield from chunk[column].tolist()
+        with _csv_reader(src) as rows:
+            header = next(rows, [])
+            i = header.index(column)
+            for row in rows:
+                if row:
+                    yield row[i] if i < len(row) else ""
 
 
 def read_table(src: str, image_col: Optional[str] = None, caption_col: Optional[str] = None,
