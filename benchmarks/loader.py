@@ -6,7 +6,9 @@ loaders side by side with the same worker count (default 1), batch size, RandomR
 open_clip side runs with `PYTHONPATH=.octarget`, where webdataset 0.2.86 is pip-installed
 (`--target`, no deps) because open_clip_train's tar grouper breaks on newer webdataset, so the
 two webdataset versions never meet. Timing starts after the first batch (worker start-up and
-shuffle-buffer fill excluded) on both sides. Runs alternate; the best of `--repeats` is kept.
+shuffle-buffer fill excluded) on both sides. Runs alternate; the best of `--repeats` is kept. Also
+timed: reading and decoding the same JPEGs and nothing else (the limit of any CPU loader here).
+vlp's batches are uint8 (normalised later on the device), open_clip's float32 normalised.
 
     python benchmarks/loader.py [--workers 1] [--samples 1536] [--batch-size 64] [--repeats 2] [--json]
 """
@@ -98,6 +100,27 @@ def run_open_clip(shards: str, workers: int, batch: int, samples: int) -> dict:
                  str(N_IMAGES)], env)
 
 
+def decode_only(shards: str, samples: int) -> dict:
+    """The physical limit of a CPU loader on these files: read each JPEG from the tars and decode it
+    (simplejpeg, libjpeg-turbo, full size, RGB), nothing else, one thread; samples/s."""
+    import glob
+    import tarfile
+    import time
+
+    import simplejpeg
+
+    blobs = []
+    for path in sorted(glob.glob(os.path.join(shards, "bench-*.tar"))):
+        with tarfile.open(path) as tar:
+            blobs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    blobs = (blobs * (samples // max(1, len(blobs)) + 1))[:samples]
+    start = time.perf_counter()
+    for b in blobs:
+        simplejpeg.decode_jpeg(b, colorspace="RGB")
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": len(blobs) / seconds, "samples": len(blobs), "seconds": seconds}
+
+
 def _run(cmd, env) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
@@ -115,8 +138,9 @@ def main() -> int:
     args = p.parse_args()
     shards = make_shards()
     ensure_octarget()
-    best = {"ours_bicubic": 0.0, "ours_bilinear": 0.0, "open_clip": 0.0}
+    best = {"ours_bicubic": 0.0, "ours_bilinear": 0.0, "open_clip": 0.0, "decode_only": 0.0}
     for _ in range(args.repeats):
+        best["decode_only"] = max(best["decode_only"], decode_only(shards, args.samples)["samples_per_s"])
         for interp in ("bicubic", "bilinear"):
             r = run_ours(shards, args.workers, args.batch_size, args.samples, interp)
             best[f"ours_{interp}"] = max(best[f"ours_{interp}"], r["samples_per_s"])
@@ -125,13 +149,17 @@ def main() -> int:
     result = {k: round(v, 1) for k, v in best.items()}
     result.update(workers=args.workers, batch_size=args.batch_size, samples=args.samples, images=N_IMAGES,
                   ratio_bicubic=round(best["ours_bicubic"] / best["open_clip"], 2),
-                  ratio_bilinear=round(best["ours_bilinear"] / best["open_clip"], 2))
+                  ratio_bilinear=round(best["ours_bilinear"] / best["open_clip"], 2),
+                  of_decode_bicubic=round(best["ours_bicubic"] / best["decode_only"], 2),
+                  of_decode_bilinear=round(best["ours_bilinear"] / best["decode_only"], 2))
     print(f"loader samples/s with {args.workers} worker(s), batch {args.batch_size}, 256-512 px JPEGs -> 224:")
     print(f"  open_clip_train get_wds_dataset (PIL, bicubic): {result['open_clip']:8.1f}")
     print(f"  vlp, bicubic (same interpolation):              {result['ours_bicubic']:8.1f}  "
           f"x{result['ratio_bicubic']}")
     print(f"  vlp, bilinear (vlp default):                    {result['ours_bilinear']:8.1f}  "
           f"x{result['ratio_bilinear']}")
+    print(f"  JPEG decode only (full size, 1 thread):          {result['decode_only']:8.1f}  "
+          f"(vlp reaches x{result['of_decode_bicubic']} / x{result['of_decode_bilinear']} of it)")
     if args.json:
         print(json.dumps(result))
     return 0

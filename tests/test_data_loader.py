@@ -78,9 +78,9 @@ def test_epoch_split_two_ranks_two_workers(uneven, tok):
     assert all(ld.stats()["epoch"] == 1 for ld in loaders)
     batch = next(its[0])
     assert loaders[0].stats()["epoch"] == 2
-    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (4, 3, 32, 32)
     assert batch["text_ids"].shape == batch["text_mask"].shape == (4, 16)
-    assert batch["text_ids"].dtype == torch.int64 and -3 < float(batch["image"].mean()) < 3
+    assert batch["text_ids"].dtype == torch.int64 and batch["image"].dtype == torch.uint8  # normalised on the device
 
 
 @pytest.mark.parametrize("mode", ["epoch", "resampled", "mixed"])

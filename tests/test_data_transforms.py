@@ -78,6 +78,22 @@ def test_normalize_matches_the_definition():
     assert torch.allclose(got, ref, atol=1e-5)
 
 
+def test_device_normalize_equals_the_cpu_normalise_and_passes_floats_through():
+    """The trainer normalises the loader's uint8 batch where the model runs: the same numbers as the
+    loader's CPU path (cv2, fp32) to float rounding, in the run's dtype."""
+    import torch
+
+    from vlp.data.transforms import DeviceNormalize
+
+    x = np.random.default_rng(0).integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
+    norm = DeviceNormalize(CLIP_MEAN, CLIP_STD)
+    got = norm(torch.from_numpy(x), torch.float32)
+    torch.testing.assert_close(got, normalize(x, CLIP_MEAN, CLIP_STD), rtol=0, atol=1e-6)
+    assert norm(torch.from_numpy(x), torch.bfloat16).dtype == torch.bfloat16
+    done = torch.randn(2, 3, 4, 4)
+    assert torch.equal(norm(done, torch.float32), done)  # a float batch is already normalised
+
+
 def test_hflip_mirrors_half_the_training_images_under_a_seed():
     """data.hflip: p = 0.5 per image, from the loader's generator; off in eval and by default."""
     data = _encode(_halves(), "png")

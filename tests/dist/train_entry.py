@@ -159,7 +159,7 @@ class NaNAt(Wrapped):
 
     def change(self, batch):
         if self.fetched == self.at:
-            batch = dict(batch, image=torch.full_like(batch["image"], float("nan")))
+            batch = dict(batch, image=torch.full(batch["image"].shape, float("nan")))  # float: taken as normalised
         return batch
 
 

@@ -88,8 +88,6 @@ class _Spec:
     img_keys: List[str]
     caption_key: str
     transform: ImageTransform
-    mean: Sequence[float]
-    std: Sequence[float]
     tokenizer: Any
     max_corrupt_fraction: float
     remote_timeout: float = 60.0  # seconds an http(s) shard read may wait for data
@@ -228,7 +226,7 @@ def _train_batches(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, snap: 
             keys.append(sample["__key__"])
             mix[s] += 1
             repeated += single_epoch and p > 0
-        batch = collate(images, captions, keys, spec.tokenizer, spec.mean, spec.std)
+        batch = collate(images, captions, keys, spec.tokenizer)
         done += 1
         batch["_meta"] = {"worker": worker, "skipped": counters.take(), "mix": mix, "repeated": repeated,
                           "state": {"batches": done, "stream": raw.snapshot(), "counters": counters.state()}}
@@ -330,7 +328,7 @@ class TrainLoader:
             caption_key=data.caption_key,
             transform=ImageTransform(size["size"], True, tuple(data.crop_scale), data.interpolation, data.hflip,
                                      (data.randaugment.n, data.randaugment.m)),
-            mean=size["mean"], std=size["std"], tokenizer=tokenizer,
+            tokenizer=tokenizer,
             max_corrupt_fraction=float(data.max_corrupt_fraction), remote_timeout=timeout)
         self.plan = plan  # this epoch's; the default one unless the run was resumed on another layout
         self.batches_per_epoch = plan.quota * slots

@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from vlp.data.transforms import ImageTransform, normalize
+from vlp.data.transforms import ImageTransform
 
 # every reason a sample (or shard part) is skipped, in training and in evaluation; training stats report
 # all of them, zeros included
@@ -49,9 +49,10 @@ def pick_caption(text: str, rng: Optional[np.random.Generator]) -> str:
     return lines[0]
 
 
-def collate(images: List[np.ndarray], captions: List[str], keys: List[str], tokenizer,
-            mean: Sequence[float], std: Sequence[float]) -> Dict:
-    """The shared batch dict: normalised float images, tokenised captions (one call), keys."""
+def collate(images: List[np.ndarray], captions: List[str], keys: List[str], tokenizer) -> Dict:
+    """The training batch dict: uint8 (B,3,H,W) images, tokenised captions (one call), keys. Images are
+    normalised where the model runs (`vlp.data.transforms.DeviceNormalize`, by the trainer)."""
+    import torch
+
     ids, mask = tokenizer(captions)
-    return {"image": normalize(images, mean, std), "text_ids": ids, "text_mask": mask,
-            "key": list(keys)}
+    return {"image": torch.from_numpy(np.stack(images)), "text_ids": ids, "text_mask": mask, "key": list(keys)}

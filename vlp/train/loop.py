@@ -39,6 +39,7 @@ from vlp import checkpoint as ckpt
 from vlp.config import ConfigError, persisted_dict, persisted_yaml
 from vlp.data import build_train_loader
 from vlp.data.shards import expand_shards
+from vlp.data.transforms import DeviceNormalize, resolve_image_cfg
 from vlp.data.tokenizers import build_tokenizer
 from vlp.eval.evaluate import run_retrieval_eval
 from vlp.dist import DistInfo, StopRequest, all_reduce_sum, gather_objects, setup_distributed
@@ -106,12 +107,17 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def _to_device(batch: Dict[str, Any], device: torch.device, float_dtype: torch.dtype) -> Dict[str, Any]:
+def _to_device(batch: Dict[str, Any], device: torch.device, float_dtype: torch.dtype,
+               normalize: Optional[DeviceNormalize] = None) -> Dict[str, Any]:
+    """Tensors to `device` (non-blocking: the loader pins them on CUDA hosts); the loader's uint8 images are
+    normalised there (`normalize`), other floats cast to the run's dtype."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, non_blocking=True)
-            if v.is_floating_point():
+            if k == "image" and normalize is not None:
+                v = normalize(v, float_dtype)
+            elif v.is_floating_point():
                 v = v.to(float_dtype)
         out[k] = v
     return out
@@ -321,8 +327,10 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     result = TrainResult(step=step, samples_seen=samples_seen)
     try:
         with StopRequest() as stop:
+            norm = resolve_image_cfg(model.image_cfg, cfg.data)
             result = _run(TrainState(cfg, engine, optimizer, loader, writer, info, stop, step, samples_seen,
-                                     float_dtype, flops_sample, peak, config_yaml))
+                                     float_dtype, flops_sample, peak, config_yaml,
+                                     DeviceNormalize(norm["mean"], norm["std"])))
     finally:
         writer.close()
     return result
@@ -373,6 +381,7 @@ class TrainState:
     flops_sample: float  # training FLOPs per sample (vlp.models.flops_per_sample)
     peak: Peak  # peak FLOP/s of all ranks' hardware, for MFU (flops 0: unknown)
     config_yaml: str  # stored with every checkpoint
+    normalize: Optional[DeviceNormalize] = None  # the loader's uint8 images -> normalised, on the device
 
 
 def _run(state: TrainState) -> TrainResult:
@@ -400,7 +409,7 @@ def _run(state: TrainState) -> TrainResult:
         for _ in range(ga):
             batch = batches.next()
             keys.append(list(batch.get("key", [])))
-            batch = _to_device(batch, info.device, float_dtype)
+            batch = _to_device(batch, info.device, float_dtype, state.normalize)
             if "text_mask" in batch:
                 tokens += batch["text_mask"].sum()
             if grad_cache:
