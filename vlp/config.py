@@ -173,6 +173,7 @@ class ModelConfig:
     local_loss: bool = False  # open_clip's local-loss variant
     siglip_init_logit_scale: float = 10.0
     siglip_init_bias: float = -10.0
+    siglip_chunked: bool = False  # siglip: the ring of texts over ranks (one B x B block at a time) instead of gathering all
     extra: Dict[str, Any] = field(default_factory=dict)  # model-family specific options
     init_from: str = ""  # start towers + projections from a vlp run/checkpoint/export or an open_clip/HF export
     albef: AlbefConfig = field(default_factory=AlbefConfig)  # used when type=albef

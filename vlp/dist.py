@@ -304,3 +304,39 @@ def gather_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None)
 
     out = fc.all_gather_single(x.contiguous(), 0, group or dist.group.WORLD)
     return out.wait() if isinstance(out, fc.AsyncCollectiveTensor) else out
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Send `x` to rank `to`, receive the same-shaped tensor from rank `frm` (a ring step); the gradient
+    travels back the other way (what was received from `frm` has its gradient sent back to `frm`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, to: int, frm: int, group) -> torch.Tensor:
+        ctx.to, ctx.frm, ctx.group = to, frm, group
+        out = torch.empty_like(x)
+        _exchange(x.contiguous(), out, to, frm, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = torch.empty_like(grad)
+        _exchange(grad.contiguous(), back, ctx.frm, ctx.to, ctx.group)
+        return back, None, None, None
+
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor, to: int, frm: int, group) -> None:
+    group = group or dist.group.WORLD
+    ops = [dist.P2POp(dist.isend, send, dist.get_global_rank(group, to), group),
+           dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, frm), group)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+
+
+def ring_shift(x: torch.Tensor, steps: int = 1, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """The `x` of the rank `steps` places to the left (rank r gets rank r - steps's), differentiable:
+    one neighbour exchange per call, so a loop over ranks holds one remote block at a time."""
+    rank, world = rank_and_world(group)
+    if world == 1 or steps % world == 0:
+        return x
+    return _NeighbourExchange.apply(x, (rank + steps) % world, (rank - steps) % world, group)
+

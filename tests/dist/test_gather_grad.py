@@ -3,8 +3,8 @@
 Each rank holds half of a global batch. After averaging parameter gradients over ranks (what
 DeepSpeed/DDP do), they must equal the single-process gradients on the whole batch; each rank's
 input gradients equal world x the single-process ones (every rank's loss reaches them through the
-all-gather's reduce-scatter backward). Checked for full and local-loss InfoNCE, for SigLIP, and
-through the tiny dual-encoder model.
+all-gather's reduce-scatter backward). Checked for full and local-loss InfoNCE, for SigLIP (gathered
+and chunked over the ring), and through the tiny dual-encoder model.
 """
 import os
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from vlp.losses import clip_loss, siglip_loss
 
 WORLD, PER_RANK, DIM = 2, 3, 8
-VARIANTS = ("full", "local", "siglip")
+VARIANTS = ("full", "local", "siglip", "siglip_ring")
 
 
 def _data():
@@ -35,8 +35,8 @@ def _loss_grads(variant, x_img, x_txt, w):
     log_scale = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
     bias = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)
     img, txt = F.normalize(x_img @ w, dim=-1), F.normalize(x_txt @ w.T, dim=-1)
-    if variant == "siglip":
-        loss = siglip_loss(img, txt, log_scale.exp(), bias)
+    if variant.startswith("siglip"):  # siglip_ring: the texts travel rank to rank, one block at a time
+        loss = siglip_loss(img, txt, log_scale.exp(), bias, chunked=variant == "siglip_ring")
     else:
         loss = clip_loss(img, txt, log_scale.exp(), local_loss=variant == "local")
     loss.backward()
@@ -132,3 +132,12 @@ def test_model_gradients_match_single_process(ranks, model_type):
         assert grads.keys() == ref_grads.keys()
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_siglip_ring_equals_the_gathered_siglip_on_every_rank(ranks):
+    """Not only the same global sum: each rank's ring loss and gradients are its gathered ones."""
+    for r in ranks:
+        for key in ("loss", "x_img", "x_txt", "w", "log_scale", "bias"):
+            torch.testing.assert_close(r["siglip_ring"][key], r["siglip"][key], rtol=1e-10, atol=1e-12, msg=key)
+

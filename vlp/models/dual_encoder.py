@@ -63,6 +63,7 @@ class DualEncoder(nn.Module):
             init = math.log(1.0 / cfg.init_temperature)
             self.logit_bias = None
         self.logit_scale = nn.Parameter(torch.full((1,), init))
+        self.siglip_chunked = bool(getattr(cfg, "siglip_chunked", False))
         self.locked = {"vision": bool(cfg.vision.locked), "text": bool(cfg.text.locked)}
         for name, locked in self.locked.items():
             if locked:
@@ -112,7 +113,7 @@ class DualEncoder(nn.Module):
         out: Dict[str, Any] = {}
         if self.objective == "siglip":
             bias = self.logit_bias.float()
-            loss = siglip_loss(image_emb, text_emb, scale, bias)
+            loss = siglip_loss(image_emb, text_emb, scale, bias, chunked=self.siglip_chunked)
             out["logit_bias"] = float(bias.item())
         else:
             loss = clip_loss(image_emb, text_emb, scale, local_loss=self.local_loss,
