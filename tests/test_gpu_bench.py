@@ -1,0 +1,29 @@
+"""benchmarks/gpu.py (the GPU benchmark of issue 18) runs its own code at a tiny size on CPU, so it cannot rot:
+every configuration trains through vlp.train.train and reports samples/s and MFU as one JSON line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def test_every_configuration_runs_at_tiny_size_and_reports(tmp_path):
+    out = tmp_path / "tiny.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--steps", "3", "--warmup", "1",
+                           "--out", str(out), "--work", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["config"] for r in records] == ["clip_b16_mem_z0", "clip_b16_mem_z2", "clip_b16_mem_z3",
+                                              "clip_b16_loader", "albef_base", "bus_base"]
+    for r in records:
+        assert "error" not in r, r
+        assert r["steps"] == 3 and r["samples_per_s"] > 0 and 0 < r["mfu"] < 1, r
+    assert {r["zero_stage"] for r in records[:3]} == {0, 2, 3}
+    assert records[3]["data"] == "loader" and records[0]["data"] == "in memory"
