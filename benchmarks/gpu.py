@@ -18,9 +18,13 @@ batches stay outside it; `--steps` must be under twice `--warmup` plus the windo
   widths, 6 + 6 text/fusion layers, 64 per GPU), with a word-level vocabulary written from the shards
   instead of bert-base-uncased's (the GPU host has no network; embedding rows barely move the cost).
 
-`torch.compile` has no configuration here yet: `train.compile` is not implemented (see the issue's note).
+- `clip_b16_mem_z{0,3}_compiled`: the in-memory rows with `train.compile=true` (DeepSpeed's
+  `engine.compile`, inductor); compilation happens in the first steps, outside the measured window.
+
 With `--tiny` the models shrink to a few layers of width 64 at 32-64 px, fp32, 4 samples per step, and
-the shards are the synthetic set: minutes of CPU, to keep the script working, not to measure.
+the shards are the synthetic set: minutes of CPU, to keep the script working, not to measure. Each line
+also lists the attention kernels one forward + backward ran (`attention_kernels`): on a GPU, flash or
+memory-efficient SDPA kernels, never `_scaled_dot_product_attention_math`.
 """
 from __future__ import annotations
 
@@ -106,10 +110,36 @@ def configurations(tiny: bool, shards: str, vocab: str):
         albef += ["train.precision=bf16", "train.micro_batch_size=64", "data.workers=4",
                   "model.text.kwargs=%s" % json.dumps(BERT_BASE)]
     out = {f"clip_b16_mem_z{z}": ("configs/clip_vit_b16.yaml", clip + [f"train.zero_stage={z}"], True) for z in (0, 2, 3)}
+    for z in (0, 3):  # torch.compile through DeepSpeed's engine.compile (train.compile), against the eager rows
+        out[f"clip_b16_mem_z{z}_compiled"] = ("configs/clip_vit_b16.yaml", clip + [f"train.zero_stage={z}",
+                                                                                   "train.compile=true"], True)
     out["clip_b16_loader"] = ("configs/clip_vit_b16.yaml", clip + ["train.zero_stage=0"], False)
     out["albef_base"] = ("configs/albef_base.yaml", albef, True)
     out["bus_base"] = ("configs/bus_base.yaml", albef + (["model.bus.pad_heads=2", "model.bus.blocks=[1]"] if tiny else []), True)
     return out
+
+
+def attention_kernels(cfg) -> list:
+    """The attention kernels one forward + backward of the model runs on this device (the issue asks that
+    no tower silently runs SDPA's math fallback): profiler op names with 'attention' in them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlp.data.transforms import resolve_image_cfg
+    from vlp.models import build_model
+    from vlp.models.flops import example_batch
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if str(cfg.train.precision) == "bf16" else torch.float32
+    model = build_model(cfg.model, pretrained=False).to(dev, dtype)
+    size = int(resolve_image_cfg(model.image_cfg, cfg.data)["size"])
+    batch = example_batch(model, 2, size, int(cfg.data.tokenizer.context_length))
+    batch = {k: (v.to(dev, dtype) if torch.is_tensor(v) and v.is_floating_point() else
+                 v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        model(batch)["loss"].backward()
+    return sorted({e.key for e in prof.key_averages() if "attention" in e.key.lower()})
 
 
 def run_one(name: str, cfg_file: str, overrides, in_memory: bool, shards: str, steps: int, warmup: int,
@@ -136,11 +166,13 @@ def run_one(name: str, cfg_file: str, overrides, in_memory: bool, shards: str, s
     last = result.last
     rec = {"config": name, "steps": result.step, "micro_batch": int(cfg.train.micro_batch_size),
            "precision": str(cfg.train.precision), "zero_stage": int(cfg.train.zero_stage),
+           "compile": bool(cfg.train.compile),
            "data": "in memory" if in_memory else "loader", "samples_per_s": last.get("samples_per_s"),
            "mfu": last.get("mfu"), "flops_per_s": last.get("flops_per_s"), "wall_s": time.perf_counter() - t0,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
         rec["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    rec["attention_kernels"] = attention_kernels(cfg)
     shutil.rmtree(out_dir, ignore_errors=True)  # checkpoints of a benchmark are not kept
     return rec
 

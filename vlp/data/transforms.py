@@ -173,20 +173,23 @@ class DeviceNormalize:
     no per-sample normalise on the loader's CPU cores). Float images pass through: they are taken to
     be normalised already (a loader of the user's own). The arithmetic runs in fp32 and is cast once."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
+        self.channels_last = channels_last  # conv towers: NHWC activations from the first layer on
         self.scale = [1.0 / (255.0 * s) for s in std]
         self.shift = [-m / s for m, s in zip(mean, std)]
         self._cached: dict = {}
 
     def __call__(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if images.dtype != torch.uint8:
-            return images.to(dtype)
+            images = images.to(dtype)
+            return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
         key = images.device
         if key not in self._cached:
             self._cached[key] = (torch.tensor(self.scale, device=key).view(1, -1, 1, 1),
                                  torch.tensor(self.shift, device=key).view(1, -1, 1, 1))
         scale, shift = self._cached[key]
-        return torch.addcmul(shift, images.float(), scale).to(dtype)
+        out = torch.addcmul(shift, images.float(), scale).to(dtype)
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
 
 def resolve_image_cfg(image_cfg: Optional[dict], data_cfg=None) -> dict:

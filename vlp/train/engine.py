@@ -41,10 +41,37 @@ def build_engine(model: torch.nn.Module, groups: List[Dict[str, Any]], cfg: Dict
     import deepspeed
 
     optimizer = build_optimizer(groups, cfg.train, ds_cfg, device)
+    if cfg.train.compile and int(cfg.train.zero_stage) == 3:
+        # nn.MultiheadAttention reads out_proj.weight without calling out_proj: ZeRO-3 gathers a module's
+        # parameters when its forward starts, which a compiled graph never does for out_proj. As a ZeRO-3
+        # leaf, the attention module gathers its children's parameters itself (eager runs need no help).
+        from deepspeed.utils import set_z3_leaf_modules
+
+        if any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
+            set_z3_leaf_modules(model, [torch.nn.MultiheadAttention])
     scheduler = build_scheduler(optimizer, cfg.train, int(ds_cfg["train_batch_size"]))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+    if cfg.train.compile:
+        # DeepSpeed's own entry to torch.compile: it compiles the module in place (state-dict names unchanged,
+        # so checkpoints and exports are those of an eager run) and keeps its ZeRO-3 hooks out of the graph
+        engine.compile()
     return engine, optimizer, scheduler
+
+
+def use_channels_last(model: torch.nn.Module, setting: str) -> bool:
+    """`train.channels_last`: true/false, or auto = on when the image tower is convolutional beyond a patch
+    embedding (more than one Conv2d with a kernel wider than 1: ConvNeXt, ResNet, EfficientNet), where
+    NHWC activations let cuDNN/oneDNN skip layout conversions; ViTs (one patch conv) stay as they are."""
+    if setting in ("true", "false"):
+        return setting == "true"
+    if setting != "auto":
+        from vlp.config import ConfigError
+
+        raise ConfigError(f"bad value for 'train.channels_last': {setting!r}; want auto, true or false")
+    vision = getattr(model, "vision", model)
+    convs = [m for m in vision.modules() if isinstance(m, torch.nn.Conv2d) and max(m.kernel_size) > 1]
+    return len(convs) > 1
 
 
 def _clamp(t: Optional[torch.Tensor], low: float, high: float) -> None:
@@ -95,4 +122,4 @@ def clamp_parameters(model: torch.nn.Module, optimizer: Any = None) -> None:
                                f"in {type(optimizer).__name__} to clamp it")
 
 
-__all__ = ["build_optimizer", "build_engine", "clamp_parameters"]
+__all__ = ["build_optimizer", "build_engine", "clamp_parameters", "use_channels_last"]

@@ -45,7 +45,7 @@ from vlp.eval.evaluate import run_retrieval_eval
 from vlp.dist import DistInfo, StopRequest, all_reduce_sum, gather_objects, setup_distributed
 from vlp.models import build_model, check_tokenizer, flops_per_sample, param_groups
 from vlp.train.ds_config import deepspeed_config, resolve_precision
-from vlp.train.engine import build_engine, clamp_parameters
+from vlp.train.engine import build_engine, clamp_parameters, use_channels_last
 from vlp.train.grad_cache import check_model, grad_cache_step
 from vlp.train.init_from import init_from
 from vlp.train.init_sources import bad_path
@@ -291,6 +291,9 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     groups = param_groups(model, float(t.weight_decay))
     # counted on the whole model, before ZeRO-3 partitions its weights
     flops_sample = float(flops_per_sample(model, image_size, int(cfg.data.tokenizer.context_length)))
+    channels_last = use_channels_last(model, str(t.channels_last))
+    if channels_last and int(t.zero_stage) == 0:  # ZeRO 1-3 keep parameters as views of flat buffers
+        model = model.to(memory_format=torch.channels_last)
     engine, optimizer, scheduler = build_engine(model, groups, cfg, ds_cfg, info.device)
     loader = (make_loader or default_loader)(cfg, model, rank, world)
     peak = resolve_peak(float(t.peak_flops), info.device, float_dtype, world)
@@ -330,7 +333,7 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
             norm = resolve_image_cfg(model.image_cfg, cfg.data)
             result = _run(TrainState(cfg, engine, optimizer, loader, writer, info, stop, step, samples_seen,
                                      float_dtype, flops_sample, peak, config_yaml,
-                                     DeviceNormalize(norm["mean"], norm["std"])))
+                                     DeviceNormalize(norm["mean"], norm["std"], channels_last)))
     finally:
         writer.close()
     return result
