@@ -35,7 +35,7 @@ $(I2D_STAMP):
 img2dataset: $(I2D_STAMP)
 
 test: $(STAMP) $(I2D_STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/vlp demo --model $(MODEL) $(if $(NPROC),--nproc $(NPROC))
