@@ -120,3 +120,45 @@ def test_load_pretrained_reads_a_downloaded_config_as_data(tmp_path, monkeypatch
     assert loaded.vlp_config.model.text.pretrained == "openai"  # kept as stored, only not followed
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_an_open_clip_hf_hub_tower_exports_its_config_and_loads_without_the_hub(tmp_path, monkeypatch):
+    """A tower named `hf-hub:ORG/NAME` (its config in the Hub cache, as training left it): the vlp export
+    keeps the config as a local-dir tower, and loading it fetches nothing from the Hub."""
+    import json
+
+    import huggingface_hub.constants
+    import open_clip.factory
+
+    import vlp
+    from vlp.export.vlp_format import write_vlp
+    from vlp.models import build_model
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-oc" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY, "preprocess_cfg": {}}))
+    (tmp_path / "hub" / "models--org--tiny-oc" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny-oc" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = from_dict({"model": {"type": "clip", "embed_dim": 24,
+                               "vision": {"kind": "open_clip", "name": "hf-hub:org/tiny-oc"},
+                               "text": {"kind": "open_clip", "name": "hf-hub:org/tiny-oc"}},
+                     "data": {"tokenizer": {"kind": "open_clip", "name": "ViT-B-32", "context_length": 16}},
+                     "train": {"resume": "none"}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()  # from the cached config (no weights in the cache: random init)
+    out = tmp_path / "export"
+    out.mkdir()
+    write_vlp(model, cfg, dict(model.image_cfg), str(out), "fp32", "5GB", {"step": 0})
+    stored = (out / "vlp_config.yaml").read_text()
+    assert "hf-hub:" not in stored and "local-dir:towers/vision" in stored
+    assert json.loads((out / "towers" / "text" / "open_clip_config.json").read_text())["model_cfg"] == TINY
+
+    def refuse(*a, **k):
+        raise AssertionError(f"the Hub was asked: {a} {k}")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf", refuse)
+    monkeypatch.setattr(open_clip.factory, "_get_hf_config", refuse)
+    loaded = vlp.load_pretrained(str(out))
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -22,13 +22,13 @@ from vlp.export.weights import cast, save_state_dict
 from vlp.models.registry import without_pretrained
 
 CONFIG_FILE, META_FILE, TOWERS_DIR = "vlp_config.yaml", "vlp_export.json", "towers"
-LOCAL_DIR = "local-dir:"
+LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
 
 
 def _portable_towers(cfg: Any, out_dir: str) -> None:
     """Rewrite cfg.model towers in place so they rebuild offline from files inside `out_dir`: a
     transformers tower's source config (as read, before `kwargs`, which stay in the config) and its
-    image processor config; an open_clip `local-dir:` config."""
+    image processor config; an open_clip `local-dir:` or `hf-hub:` model's config (as `local-dir:`)."""
     from transformers import AutoConfig
 
     cfg.model = without_pretrained(cfg.model)
@@ -45,6 +45,18 @@ def _portable_towers(cfg: Any, out_dir: str) -> None:
             src = t.name[len(LOCAL_DIR):]
             os.makedirs(dest, exist_ok=True)
             shutil.copy2(os.path.join(src, "open_clip_config.json"), dest)
+            t.name = LOCAL_DIR + rel
+        elif t.kind == "open_clip" and str(t.name).startswith(HF_HUB):
+            # open_clip fetches an hf-hub model's weights whenever it builds one, even with load_weights=False:
+            # the export keeps the model's config (from the Hub cache training filled) and names it local-dir
+            from open_clip.factory import _get_hf_config
+
+            os.makedirs(dest, exist_ok=True)
+            config = _get_hf_config(t.name[len(HF_HUB):])
+            tmp = os.path.join(dest, f"open_clip_config.json.tmp{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump(config, f, indent=1)
+            os.replace(tmp, os.path.join(dest, "open_clip_config.json"))
             t.name = LOCAL_DIR + rel
 
 
