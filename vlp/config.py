@@ -188,7 +188,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_cache: bool = False  # contrastive negatives over the whole accumulated batch
     compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile (inductor); see BENCHMARKS
-    channels_last: str = "auto"  # auto | true | false: images (and stage-0 conv weights) in channels_last; auto: conv towers
+    channels_last: str = "auto"  # auto | true | false: images in channels_last (NHWC) on the device; auto: conv towers
     lr: float = 5e-4
     min_lr: float = 0.0
     warmup_steps: int = 0

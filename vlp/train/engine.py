@@ -62,7 +62,8 @@ def build_engine(model: torch.nn.Module, groups: List[Dict[str, Any]], cfg: Dict
 def use_channels_last(model: torch.nn.Module, setting: str) -> bool:
     """`train.channels_last`: true/false, or auto = on when the image tower is convolutional beyond a patch
     embedding (more than one Conv2d with a kernel wider than 1: ConvNeXt, ResNet, EfficientNet), where
-    NHWC activations let cuDNN/oneDNN skip layout conversions; ViTs (one patch conv) stay as they are."""
+    NHWC activations let cuDNN/oneDNN skip layout conversions; ViTs (one patch conv) stay as they are.
+    Only the images are made NHWC (`DeviceNormalize`): convolutions keep the layout of their input."""
     if setting in ("true", "false"):
         return setting == "true"
     if setting != "auto":

@@ -291,9 +291,9 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     groups = param_groups(model, float(t.weight_decay))
     # counted on the whole model, before ZeRO-3 partitions its weights
     flops_sample = float(flops_per_sample(model, image_size, int(cfg.data.tokenizer.context_length)))
+    # NHWC images only: a convolution given NHWC input computes NHWC, layer after layer; the weights stay
+    # contiguous (DeepSpeed broadcasts and flattens parameters as plain contiguous tensors)
     channels_last = use_channels_last(model, str(t.channels_last))
-    if channels_last and int(t.zero_stage) == 0:  # ZeRO 1-3 keep parameters as views of flat buffers
-        model = model.to(memory_format=torch.channels_last)
     engine, optimizer, scheduler = build_engine(model, groups, cfg, ds_cfg, info.device)
     loader = (make_loader or default_loader)(cfg, model, rank, world)
     peak = resolve_peak(float(t.peak_flops), info.device, float_dtype, world)
