@@ -1,5 +1,5 @@
 """Resume on any layout (issue: resume anywhere): one run continued 2 ranks -> 1 rank -> 2 ranks, changing
-the ZeRO stage at each resume, for CLIP (0->3->2, 2->0->3, 3->2->0) and ALBEF (0->3->2); and the real data pipeline continued over other ranks,
+the ZeRO stage at each resume, for CLIP (0->3->2, 3->2->0) and ALBEF (0->3->2); and the real data pipeline continued over other ranks,
 DataLoader workers and global batch within one epoch.
 
 With the same global batches (fixed, each rank its slice) the losses of the resumed chain must equal those
@@ -24,9 +24,9 @@ from tests.dist.train_entry import deepspeed_launch, launcher_env, write_fixed_b
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4
-# each chain: the ZeRO stage of its 2-rank start, its 1-rank middle and its 2-rank end. CLIP runs every stage
-# as a source and as a target; ALBEF (slower to build) one chain through all three stages
-CHAINS = {"clip": {"X": (0, 3, 2), "Y": (2, 0, 3), "Z": (3, 2, 0)}, "albef": {"X": (0, 3, 2)}}
+# each chain: the ZeRO stage of its 2-rank start, its 1-rank middle and its 2-rank end; every stage is a source
+# and a target of a change. 2->0->3 passed too (add "Y": (2, 0, 3)); left out to keep the suite under 20 minutes
+CHAINS = {"clip": {"X": (0, 3, 2), "Z": (3, 2, 0)}, "albef": {"X": (0, 3, 2)}}
 
 
 def _records(run_dir):
