@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import signal
@@ -201,6 +202,22 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     `kill_workers_at_exit` kills any it left behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # forked with them blocked (`stop_signals_blocked`): one that arrived meanwhile is pending, now discarded
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """SIGINT/SIGTERM blocked in this thread while DataLoader workers are forked. A worker inherits the mask,
+    so a signal to the process group that lands before its `worker_init_fn` (`ignore_stop_signals`) has
+    run stays pending and is discarded, instead of killing the worker by PyTorch's worker SIGTERM handler
+    (the rank then died on "DataLoader worker killed by signal": a race at every epoch's worker start).
+    The rank itself receives the signal when the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 _KILL_AT_EXIT: List[bool] = []

@@ -54,7 +54,7 @@ from vlp.data.samples import SKIP_REASONS, collate, decode_sample, image_keys, p
 from vlp.data.shards import Shard, resolve_shards
 from vlp.data.stream import RawStream, SourceStream
 from vlp.data.transforms import ImageTransform, resolve_image_cfg
-from vlp.dist import ignore_stop_signals, kill_workers_at_exit, run_on_rank0
+from vlp.dist import ignore_stop_signals, kill_workers_at_exit, run_on_rank0, stop_signals_blocked
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -389,7 +389,9 @@ class TrainLoader:
         expected = self._expected_workers(rotation)
         loader = _data_loader(_TrainDataset(self.spec, self.plan, self.epoch, rotation, dict(self._snaps)),
                               self.workers)
-        for batch in loader:
+        with stop_signals_blocked():  # the workers start here, with SIGINT/SIGTERM blocked until they ignore them
+            batches = iter(loader)
+        for batch in batches:
             meta = batch.pop("_meta")
             want = next(expected, None)
             if meta["worker"] != want:
