@@ -55,14 +55,12 @@ def _cfg(vision=None, text_kwargs=None, embed_dim=32):
 
 
 def _model(cfg):
-    """The vlp model with every weight perturbed (no parameter keeps a symmetric init value)."""
-    from vlp.models import build_model
+    """The vlp model with every weight perturbed (tests/test_export_mapping.py), and SigLIP's scale and bias
+    set away from their initial values."""
+    from tests.test_export_mapping import _model as perturbed
 
-    torch.manual_seed(0)
-    m = build_model(cfg.model).eval()
+    m = perturbed(cfg)
     with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
         m.logit_scale.fill_(2.1)
         m.logit_bias.fill_(-3.7)
     return m
