@@ -63,7 +63,9 @@ def _convert(args: argparse.Namespace) -> int:
                     prefix=args.prefix, min_size=args.min_size, timeout=args.timeout,
                     overwrite=args.overwrite, progress=not args.json, max_image_bytes=args.max_image_bytes,
                     retries=args.retries, downloader=args.downloader, img2dataset=args.img2dataset,
-                    img2dataset_args=shlex.split(args.img2dataset_args or ""), resume=args.resume)
+                    img2dataset_args=shlex.split(args.img2dataset_args or ""), resume=args.resume,
+                    video_col=args.video_col, max_side=args.max_side, max_seconds=args.max_seconds,
+                    min_seconds=args.min_seconds)
     skipped = ", ".join(f"{k}={v}" for k, v in stats["skipped"].items() if v) or "none"
     if args.json:
         _emit(stats, True, "")
@@ -94,12 +96,61 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+_VIDEO_SYNTH = {"train": 1000, "test": 100, "side": 64, "seconds": 2.0, "fps": 8.0}  # --video defaults
+
+
+def _synth_video(args: argparse.Namespace) -> int:
+    """`--video`: the moving-shapes clips (`data_pipelines.synth_video`) in OUT/train and OUT/test."""
+    import os
+
+    from data_pipelines.shardspec import InputError
+    from data_pipelines.synth_video import write_synth_video
+
+    for opt, val in (("--n", args.n), ("--split", args.split), ("--image-size", args.image_size),
+                     ("--prefix", args.prefix)):
+        if val is not None:
+            raise InputError(f"{opt} is for the image set; with --video use --train N --test N (OUT/train, "
+                             "OUT/test), --side, --seconds, --fps")
+    opts = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in _VIDEO_SYNTH.items()}
+    if opts["train"] < 0 or opts["test"] < 0 or opts["train"] + opts["test"] == 0:
+        raise InputError(f"--train and --test must be >= 0 clips, not both 0; got {opts['train']}, {opts['test']}")
+    if opts["test"] % 2:
+        raise InputError(f"--test {opts['test']}: the test clips come in twin pairs, so N must be even")
+    per_shard = 128 if args.samples_per_shard is None else args.samples_per_shard
+    result = {}
+    for split in ("train", "test"):
+        if opts[split]:
+            try:
+                result[split] = write_synth_video(
+                    os.path.join(args.out, split), opts[split], seed=args.seed, split=split,
+                    samples_per_shard=per_shard, side=opts["side"],
+                    seconds=opts["seconds"], fps=opts["fps"], overwrite=args.overwrite, progress=not args.json)
+            except ValueError as e:
+                if isinstance(e, InputError):
+                    raise
+                raise InputError(str(e)) from None
+    text = "\n".join(f"synth video {k}: wrote {v['written']} clips of {v['frames']} frames ({v['duration']:g} s, "
+                     f"{v['side']} px; {v['twin_pairs']} twin pairs) in {len(v['shards'])} shard(s) to "
+                     f"{os.path.join(args.out, k)}" for k, v in result.items())
+    _emit(result, args.json, text)
+    return 0
+
+
 @_user_errors("synth")
 def _synth(args: argparse.Namespace) -> int:
+    from data_pipelines.shardspec import InputError
     from data_pipelines.synth import write_synth
 
-    stats = write_synth(args.out, args.n, seed=args.seed, split=args.split,
-                        samples_per_shard=args.samples_per_shard, image_size=args.image_size,
+    if args.video:
+        return _synth_video(args)
+    for opt in ("train", "test", "side", "seconds", "fps"):
+        if getattr(args, opt) is not None:
+            raise InputError(f"--{opt} is for the video set: add --video (the image set takes --n and --split)")
+    args.n = 2000 if args.n is None else args.n
+    args.split = args.split or "train"
+    per_shard = 256 if args.samples_per_shard is None else args.samples_per_shard
+    stats = write_synth(args.out, args.n, seed=args.seed, split=args.split, samples_per_shard=per_shard,
+                        image_size=64 if args.image_size is None else args.image_size,
                         prefix=args.prefix, overwrite=args.overwrite, progress=not args.json)
     _emit(stats, args.json, f"synth {args.split}: wrote {stats['written']} samples ({stats['one_object']} one-object, "
           f"{stats['two_objects']} two-object) in {len(stats['shards'])} shard(s) to {args.out}")
@@ -176,6 +227,11 @@ written, skips per reason and the shard list. The format is detected from SRC:
                train/restval get the first caption (or one sample per caption, --all-captions)
   img2dataset  a directory of NNNNN.tar (+ .parquet, _stats.json): every sample re-validated and
                re-sharded; failed downloads listed in the parquet are counted as download_failed
+Videos (.mp4 .webm .mkv .mov .avi) come from a folder (NAME.mp4 + NAME.txt), a table (--video-col, a
+video/videopath/video_path/contentUrl column, or video files in the image column; URLs fetched by the
+built-in downloader) or video2dataset output (samples with status != success or no video are skipped):
+KEY.mp4 + KEY.txt + KEY.json (duration, fps, width, height, frames + the input columns), bytes as read
+unless --max-side / --max-seconds re-encode them (H.264 mp4); skips unreadable_video, too_short_video.
 Skip reasons: missing_caption, empty_caption, duplicate_key, missing_image, unreadable_image,
 too_small, download_failed, download_too_large. URL downloads are retried on HTTP 429 and 5xx
 (--retries, waiting 1, 2, 4 ... s) and stop at --max-image-bytes. Keys are sanitised (letters,
@@ -187,6 +243,15 @@ digits, '_' and '-' only: webdataset splits a key at its first dot) and kept uni
                    help="source format (default: detect from SRC)")
     p.add_argument("--image-col", help="table column with the image path or URL (default: first of image, "
                    "image_path, filepath, file_name, filename, path, file, url, image_url)")
+    p.add_argument("--video-col", help="table column with the video path or URL (default: first of video, "
+                   "videopath, video_path, contentUrl; or the image column when it holds video files)")
+    p.add_argument("--max-side", type=int, default=0, metavar="N",
+                   help="videos: re-encode those whose longer side exceeds N (aspect kept, even sides); 0: keep")
+    p.add_argument("--max-seconds", type=float, default=0.0, metavar="S",
+                   help="videos: keep the first S seconds of longer ones (re-encoded); 0: keep all")
+    p.add_argument("--min-seconds", type=float, default=0.0, metavar="S",
+                   help="videos: skip those shorter than S seconds as too_short_video (default: 0, only "
+                   "videos without a frame)")
     p.add_argument("--caption-col", help="table column with the caption (default: first of caption, text, txt, "
                    "title, sentence, description)")
     p.add_argument("--key-col", help="table column to use as sample key (default: the 9-digit row number); "
@@ -229,13 +294,27 @@ digits, '_' and '-' only: webdataset splits a key at its first dot) and kept uni
     p = sub.add_parser("synth", help="write the synthetic compositional shapes set (demo and tests)",
                        description="Write N synthetic image-caption samples: one or two coloured shapes with "
                        "size and position ('a large red circle on the left', 'a red circle left of a green "
-                       "triangle'). Deterministic for (seed, split); the test split never repeats a description.")
+                       "triangle'). Deterministic for (seed, split); the test split never repeats a description. "
+                       "--video: moving-shapes clips instead ('a small red circle moves from left to right, a "
+                       "large blue square stays still') in OUT/train and OUT/test; the test clips come in "
+                       "reversed-direction twin pairs that no single frame or frame average tells apart.")
     p.add_argument("out", metavar="OUT", help="output directory")
-    p.add_argument("--n", type=int, default=2000, help="number of samples (default: 2000)")
+    p.add_argument("--n", type=int, default=None, help="number of samples (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--split", default="train", help="split name; 'test' makes descriptions unique (default: train)")
-    p.add_argument("--samples-per-shard", type=int, default=256, help="samples per shard (default: 256)")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--split", default=None, help="split name; 'test' makes descriptions unique (default: train)")
+    p.add_argument("--samples-per-shard", type=int, default=None,
+                   help="samples per shard (default: 256; --video: 128)")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: 64)")
+    p.add_argument("--video", action="store_true",
+                   help="write the moving-shapes video set (KEY.mp4 + KEY.txt + KEY.json) to OUT/train and OUT/test")
+    p.add_argument("--train", type=int, default=None, metavar="N",
+                   help=f"--video: training clips in OUT/train (default: {_VIDEO_SYNTH['train']})")
+    p.add_argument("--test", type=int, default=None, metavar="N",
+                   help=f"--video: test clips in OUT/test, in twin pairs (default: {_VIDEO_SYNTH['test']})")
+    p.add_argument("--side", type=int, default=None, help="--video: frame side in px, even (default: 64)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="--video: clip length; the frame count is made odd (default: 2)")
+    p.add_argument("--fps", type=float, default=None, help="--video: frames per second (default: 8)")
     p.add_argument("--prefix", help="shard file prefix (default: synth-SPLIT)")
     p.add_argument("--overwrite", action="store_true", help="replace shards in a non-empty OUT")
     p.add_argument("--json", action="store_true", help="print stats as JSON")

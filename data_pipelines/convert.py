@@ -1,7 +1,7 @@
 """`vlp data convert`: any supported source -> validated WebDataset shards + stats.json.
 
 Every sample becomes `KEY.<img ext>` (image), `KEY.txt` (caption) and `KEY.json` (source, size,
-extra metadata). Samples that cannot be used are skipped and counted per reason, never silently.
+extra metadata); videos `KEY.mp4` (or .webm ...) the same way (`data_pipelines.video_convert`). Samples that cannot be used are skipped and counted per reason, never silently.
 Images are read, checked and resized in a process pool; results keep the source order, so the
 same input and options always give the same shards.
 """
@@ -19,13 +19,13 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
-from data_pipelines import download, sources
+from data_pipelines import download, sources, video_convert
 from data_pipelines.images import MAX_IMAGE_BYTES, Loaded, Record, load_image
 from data_pipelines.shardspec import InputError
 from data_pipelines.shards import ShardWriter, prepare_out_dir, write_json_atomic
 
 REASONS = ("missing_caption", "empty_caption", "duplicate_key", "missing_image", "unreadable_image",
-           "too_small", "download_failed", "download_too_large")
+           "too_small", "download_failed", "download_too_large") + video_convert.VIDEO_REASONS
 MAX_KEY_LEN = 80
 _EXAMPLES_PER_REASON = 5
 
@@ -112,7 +112,8 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
             prefix: str = "shard", min_size: int = 0, timeout: float = 10.0, overwrite: bool = False,
             progress: bool = True, max_image_bytes=MAX_IMAGE_BYTES, retries: int = 3,
             retry_backoff: float = 1.0, downloader: str = "builtin", img2dataset: Optional[str] = None,
-            img2dataset_args: Iterable[str] = (), resume: bool = False) -> Dict:
+            img2dataset_args: Iterable[str] = (), resume: bool = False, video_col: Optional[str] = None,
+            max_side: int = 0, max_seconds: float = 0.0, min_seconds: float = 0.0) -> Dict:
     """Convert SRC into shards in OUT; returns the stats also written to OUT/stats.json.
 
     A table of URLs is downloaded by `downloader` (`data_pipelines.download`): 'img2dataset' runs img2dataset
@@ -120,7 +121,11 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
     `resume` continues an interrupted download in OUT) and writes its own shards and stats, no stats.json;
     'builtin' fetches at most `download.BUILTIN_MAX_URLS` URLs here, each at most `max_image_bytes`, retried
     `retries` times on HTTP 429/5xx, `retry_backoff` x 1, 2, 4 ... s apart; 'auto' (the command line's
-    default) takes img2dataset when found, else 'builtin' for a small table."""
+    default) takes img2dataset when found, else 'builtin' for a small table.
+
+    Videos (a folder of them, a table whose `video_col` or video-named column holds video paths/URLs,
+    video2dataset output) pass through unless longer than `max_seconds` or larger than `max_side`
+    (re-encoded); under `min_seconds` (or without a frame) they are skipped as too_short_video."""
     max_shard_bytes = parse_bytes(max_shard_bytes)
     max_image_bytes = parse_bytes(max_image_bytes)
     for name, val in (("--resize-max", resize_max), ("--min-size", min_size), ("--retries", retries),
@@ -133,8 +138,15 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
         raise InputError(f"--samples-per-shard must be > 0, got {samples_per_shard}")
     if fmt == "auto":
         fmt = sources.detect_format(src)
+    video = video_convert.detect_media(src, fmt, image_col, video_col) == "video"
+    video_convert.check_options("video" if video else "image", resize_max=resize_max, min_size=min_size,
+                                max_side=max_side, max_seconds=max_seconds, min_seconds=min_seconds,
+                                downloader=downloader)
     choice = download.Choice(None)
-    if fmt == "table":
+    if fmt == "table" and video:
+        _, icol, _, _ = video_convert.video_table_columns(src, video_col or image_col, caption_col, key_col)
+        choice = download.choose_downloader(src, icol, "builtin", img2dataset)
+    elif fmt == "table":
         _, icol, _, _ = sources.table_columns(src, image_col, caption_col, key_col)
         choice = download.choose_downloader(src, icol, downloader, img2dataset)
     elif downloader == "img2dataset":
@@ -152,7 +164,10 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
         raise InputError("--resume continues an img2dataset download; this conversion does not use img2dataset")
     if choice.note:
         print(choice.note, file=sys.stderr)
-    fmt, records = read_source(src, fmt, image_col, caption_col, key_col, images_dir, all_captions, split)
+    if video:
+        fmt, records = video_convert.read_video_source(src, fmt, video_col or image_col, caption_col, key_col)
+    else:
+        fmt, records = read_source(src, fmt, image_col, caption_col, key_col, images_dir, all_captions, split)
     prepare_out_dir(out, overwrite)
 
     skipped = {r: 0 for r in REASONS}
@@ -181,19 +196,28 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
                 continue
             seen_raw.add(rec.key)
             if not (rec.data or rec.path or rec.url):
-                skip("missing_image", rec, "the source names no image for this sample")
+                if video:
+                    skip(video_convert.missing_reason(rec), rec, "no video for this sample")
+                else:
+                    skip("missing_image", rec, "the source names no image for this sample")
                 continue
             yield rec
 
     if fmt == "img2dataset":
         skipped["download_failed"] += sources.img2dataset_failures(src)
 
-    load = functools.partial(load_image, resize_max=resize_max, min_size=min_size, timeout=timeout,
-                             max_bytes=max_image_bytes, retries=retries, backoff=retry_backoff)
+    if video:
+        load = functools.partial(video_convert.load_video, max_side=max_side, max_seconds=max_seconds,
+                                 min_seconds=min_seconds, timeout=timeout, max_bytes=max_image_bytes,
+                                 retries=retries, backoff=retry_backoff)
+    else:
+        load = functools.partial(load_image, resize_max=resize_max, min_size=min_size, timeout=timeout,
+                                 max_bytes=max_image_bytes, retries=retries, backoff=retry_backoff)
+    sample_json = video_convert.sample_json if video else _sample_json
     used_keys: set = set()
     written = resized = 0
     start = time.time()
-    bar = _progress(progress, _count_hint(src, fmt) if progress else None)
+    bar = _progress(progress, _count_hint(src, fmt, video) if progress else None)
     with ShardWriter(out, prefix, samples_per_shard, max_shard_bytes) as writer:
         for rec, img in ordered_map(load, usable(records), workers):
             if not img.ok:
@@ -201,7 +225,7 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
             else:
                 key = sanitize_key(rec.key, used_keys)
                 writer.write(key, {img.ext: img.data, "txt": rec.caption.encode("utf-8"),
-                                   "json": _sample_json(key, rec, img)})
+                                   "json": sample_json(key, rec, img)})
                 written += 1
                 resized += img.resized
             if bar is not None:
@@ -222,13 +246,15 @@ def convert(src: str, out: str, fmt: str = "auto", *, image_col: Optional[str] =
                     "resize_max": resize_max, "min_size": min_size, "all_captions": all_captions,
                     "split": split if fmt == "karpathy" else None, "workers": workers,
                     "max_image_bytes": max_image_bytes, "retries": retries, "timeout": timeout,
-                    "downloader": choice.kind},
+                    "downloader": choice.kind,
+                    **({"media": "video", "max_side": max_side, "max_seconds": max_seconds,
+                        "min_seconds": min_seconds} if video else {})},
     }
     write_json_atomic(os.path.join(out, "stats.json"), stats)
     return stats
 
 
-def _count_hint(src: str, fmt: str) -> Optional[int]:
+def _count_hint(src: str, fmt: str, video: bool = False) -> Optional[int]:
     """How many records a source holds, when that is cheap to know: a Parquet file's metadata, a CSV/TSV's
     line count, a folder's image files. For the progress bar's ETA only (None: no total)."""
     try:
@@ -240,7 +266,8 @@ def _count_hint(src: str, fmt: str) -> Optional[int]:
             with open(src, "rb") as f:
                 return max(0, sum(1 for _ in f) - 1)
         if fmt == "folder":
-            return sum(1 for _, _, files in os.walk(src) for n in files if n.lower().endswith(sources.IMAGE_EXTS))
+            exts = sources.VIDEO_EXTS if video else sources.IMAGE_EXTS
+            return sum(1 for _, _, files in os.walk(src) for n in files if n.lower().endswith(exts))
     except (OSError, ValueError, ImportError):
         return None
     return None

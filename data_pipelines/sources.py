@@ -16,26 +16,30 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from data_pipelines.images import Record
 from data_pipelines.shardspec import InputError, iter_samples
+from vlp.data.video import VIDEO_EXTS as _VIDEO_KEYS
 
 FORMATS = ("folder", "table", "coco", "karpathy", "img2dataset")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+VIDEO_EXTS = tuple("." + e for e in _VIDEO_KEYS)
 TABLE_EXTS = (".csv", ".tsv", ".parquet")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "path", "file", "url", "image_url")
+VIDEO_COLUMNS = ("video", "videopath", "video_path", "contenturl")  # lower case, as matched
 CAPTION_COLUMNS = ("caption", "text", "txt", "title", "sentence", "description")
 _CHUNK = 10_000
 
 
 def detect_format(src: str) -> str:
-    """Guess SRC's format: folder of images, table, COCO or Karpathy JSON, img2dataset output."""
+    """Guess SRC's format: folder of images or videos, table, COCO or Karpathy JSON, img2dataset output."""
     if os.path.isdir(src):
         if glob.glob(os.path.join(src, "*.tar")):
             return "img2dataset"
         for _, _, files in os.walk(src):
-            if any(f.lower().endswith(IMAGE_EXTS) for f in files):
+            if any(f.lower().endswith(IMAGE_EXTS + VIDEO_EXTS) for f in files):
                 return "folder"
         raise InputError(f"cannot tell the format of directory {src!r}: it holds neither *.tar shards "
-                         f"nor image files ({', '.join(IMAGE_EXTS)}); pass --format")
+                         f"nor image files ({', '.join(IMAGE_EXTS)}) nor videos ({', '.join(VIDEO_EXTS)}); "
+                         "pass --format")
     if not os.path.exists(src):
         raise InputError(f"source not found: {src!r}")
     lower = src.lower()
@@ -69,8 +73,9 @@ def _load_json(path: str):
 
 
 # ------------------------------------------------------------------------------------ folder
-def read_folder(src: str) -> Iterator[Record]:
-    """Images under SRC (recursive, sorted) with sidecar captions `NAME.txt` next to `NAME.jpg`."""
+def read_folder(src: str, exts: Sequence[str] = IMAGE_EXTS) -> Iterator[Record]:
+    """Images (or the files ending in `exts`: videos) under SRC, recursive and sorted, with sidecar
+    captions `NAME.txt` next to `NAME.jpg`."""
     if not os.path.isdir(src):
         raise InputError(f"--format folder needs a directory, got {src!r}")
 
@@ -79,7 +84,7 @@ def read_folder(src: str) -> Iterator[Record]:
             dirs.sort()
             for name in sorted(files):
                 stem, ext = os.path.splitext(name)
-                if ext.lower() not in IMAGE_EXTS:
+                if ext.lower() not in exts:
                     continue
                 path = os.path.join(root, name)
                 rel = os.path.relpath(os.path.join(root, stem), src).replace(os.sep, "/")
@@ -152,13 +157,15 @@ def _jsonable(v) -> bool:
 
 
 def table_columns(src: str, image_col: Optional[str] = None, caption_col: Optional[str] = None,
-                  key_col: Optional[str] = None):
-    """(all columns, image column, caption column, key column or None) of a table; errors name the option."""
+                  key_col: Optional[str] = None, media_candidates: Sequence[str] = IMAGE_COLUMNS,
+                  media_option: str = "--image-col", caption_candidates: Sequence[str] = CAPTION_COLUMNS):
+    """(all columns, image column, caption column, key column or None) of a table; errors name the option.
+    Videos: `media_candidates`/`media_option`/`caption_candidates` of `data_pipelines.video_convert`."""
     if not os.path.isfile(src):
         raise InputError(f"table not found: {src!r}")
     columns = _table_columns(src)
-    icol = _pick_column(columns, image_col, IMAGE_COLUMNS, "--image-col", src)
-    ccol = _pick_column(columns, caption_col, CAPTION_COLUMNS, "--caption-col", src)
+    icol = _pick_column(columns, image_col, media_candidates, media_option, src)
+    ccol = _pick_column(columns, caption_col, caption_candidates, "--caption-col", src)
     kcol = _pick_column(columns, key_col, (), "--key-col", src) if key_col else None
     return columns, icol, ccol, kcol
 
@@ -180,13 +187,13 @@ def column_values(src: str, column: str) -> Iterator[object]:
 
 
 def read_table(src: str, image_col: Optional[str] = None, caption_col: Optional[str] = None,
-               key_col: Optional[str] = None) -> Iterator[Record]:
+               key_col: Optional[str] = None, **candidates) -> Iterator[Record]:
     """CSV/TSV/Parquet rows: image path (relative to the table's folder) or http(s) URL + caption.
 
     Keys are the row index (9 digits, as img2dataset does) unless `key_col` names a column.
-    Other scalar columns are copied into the sample's JSON.
+    Other scalar columns are copied into the sample's JSON. `candidates`: `table_columns`' column choices.
     """
-    _, icol, ccol, kcol = table_columns(src, image_col, caption_col, key_col)
+    _, icol, ccol, kcol = table_columns(src, image_col, caption_col, key_col, **candidates)
     base = os.path.dirname(os.path.abspath(src))
 
     def gen():
