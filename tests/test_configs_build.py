@@ -100,6 +100,9 @@ def _batch(cfg, model, b=2):
         ids[:, 0] = a.cls_token_id
         ids[torch.arange(b), lengths - 1] = a.sep_token_id
         ids[mask == 0] = a.pad_token_id
+    if cfg.model.video.enabled:  # clips of the configured frame count
+        k = int(cfg.data.video.frames)
+        return {"video": torch.randn(b, k, 3, size, size, generator=g), "text_ids": ids, "text_mask": mask}
     return {"image": torch.randn(b, 3, size, size, generator=g), "text_ids": ids, "text_mask": mask}
 
 

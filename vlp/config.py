@@ -61,6 +61,16 @@ class RandAugmentConfig:
 
 
 @dataclass
+class VideoDataConfig:
+    """Clips for video models (model.video.enabled; Frozen in Time, Bain et al. 2021, §3.2 and §4)."""
+
+    key: str = "mp4;webm;mkv;mov;avi"  # sample fields holding a video (first present wins); images come from data.image_key
+    frames: int = 4  # K frames per clip: training takes a random frame of each of K equal segments, eval the middles
+    curriculum: List[List[int]] = field(default_factory=list)  # [[step, frames], ...]: frames from that step on; [] = data.video.frames throughout
+    min_seconds: float = 0.0  # training clips shorter than this are skipped (too_short_video)
+
+
+@dataclass
 class DataConfig:
     train_shards: str = ""  # shard spec; alternatively several weighted `sources`
     sources: List[SourceConfig] = field(default_factory=list)
@@ -81,6 +91,7 @@ class DataConfig:
     samples_per_epoch: int = 0  # resampled mode: how many samples make one "epoch"; 0: unknown
     max_corrupt_fraction: float = 0.1  # fail when more than this fraction of samples is corrupt
     remote_timeout: float = 60.0  # http(s) shards: seconds a read may wait for data before it fails, naming the URL
+    video: VideoDataConfig = field(default_factory=VideoDataConfig)  # clips, for model.video.enabled
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -161,6 +172,15 @@ class BUSConfig:
 
 
 @dataclass
+class VideoModelConfig:
+    """A video model: the timm ViT of model.vision reads clips (B, K, 3, H, W) (vlp.models.video)."""
+
+    enabled: bool = False  # batches carry `video`; images become 1-frame clips
+    temporal: str = "divided"  # divided: Frozen in Time's space-time attention | mean: per-frame image model, features averaged (baseline)
+    max_frames: int = 4  # rows of the temporal embedding (the most frames a clip may have); eval takes this many per clip
+
+
+@dataclass
 class ModelConfig:
     type: str = "clip"  # a family of vlp.models.registry: clip | align | siglip | albef
     embed_dim: int = 512
@@ -178,6 +198,7 @@ class ModelConfig:
     init_from: str = ""  # start towers + projections from a vlp run/checkpoint/export or an open_clip/HF export
     albef: AlbefConfig = field(default_factory=AlbefConfig)  # used when type=albef
     bus: BUSConfig = field(default_factory=BUSConfig)  # BUS patch summarization (albef)
+    video: VideoModelConfig = field(default_factory=VideoModelConfig)  # clips instead of images (clip/align/siglip)
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -229,6 +250,7 @@ class ExportConfig:
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     max_shard_size: str = "5GB"
     license: str = "apache-2.0"
+    image_only: bool = False  # video models to hf/open_clip: export the image (1-frame) path, leaving the trained temporal parts out
 
 
 @dataclass
@@ -252,6 +274,7 @@ _CHOICES = {
     "train.zero_stage": (0, 1, 2, 3),
     "export.format": ("hf", "open_clip", "vlp"),
     "export.dtype": ("fp32", "bf16", "fp16"),
+    "model.video.temporal": ("divided", "mean"),
 }
 
 
@@ -391,6 +414,7 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value for 'data.randaugment': n={ra.n}, m={ra.m}; want n >= 0 (0: off) and 0 <= m <= 10")
     if len(cfg.data.mean) not in (0, 3) or len(cfg.data.std) not in (0, 3):
         raise ConfigError("bad value for 'data.mean'/'data.std': give 3 values each, or leave empty")
+    _check_video(cfg)
     resume = cfg.train.resume
     if resume not in ("auto", "none") and not os.path.exists(resume):
         raise ConfigError(f"bad value for 'train.resume': {resume!r} is neither 'auto', 'none' nor an existing path")
@@ -405,6 +429,39 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec")
         if src.weight <= 0:
             raise ConfigError(f"bad value for 'data.sources[{i}].weight': must be > 0, got {src.weight}")
+
+
+def frames_at(curriculum: Any, frames: int, step: int) -> int:
+    """Frames per clip at optimizer step `step`: the last curriculum entry whose step is <= `step`, else
+    `frames` (data.video.frames)."""
+    k = int(frames)
+    for at, n in sorted((int(a), int(b)) for a, b in curriculum or []):
+        if at <= step:
+            k = n
+    return k
+
+
+def _check_video(cfg: DictConfig) -> None:
+    v, m = cfg.data.video, cfg.model.video
+    if v.frames < 1:
+        raise ConfigError(f"bad value for 'data.video.frames': must be >= 1, got {v.frames}")
+    for i, entry in enumerate(v.curriculum):
+        if len(entry) != 2 or entry[0] < 0 or entry[1] < 1:
+            raise ConfigError(f"bad value for 'data.video.curriculum[{i}]': {list(entry)}; want [step >= 0, frames >= 1], "
+                              "e.g. [[0, 1], [500, 4]]")
+    if v.min_seconds < 0:
+        raise ConfigError(f"bad value for 'data.video.min_seconds': must be >= 0, got {v.min_seconds}")
+    if not m.enabled:
+        return
+    if cfg.model.type not in ("clip", "align", "siglip"):
+        raise ConfigError(f"model.video.enabled: video towers are built for the dual encoders (clip, align, siglip), "
+                          f"not model.type={cfg.model.type!r}")
+    if m.max_frames < 1:
+        raise ConfigError(f"bad value for 'model.video.max_frames': must be >= 1, got {m.max_frames}")
+    most = max([int(v.frames)] + [int(e[1]) for e in v.curriculum])
+    if most > m.max_frames:
+        raise ConfigError(f"data.video asks for {most} frames per clip but 'model.video.max_frames' is {m.max_frames}: "
+                          f"raise model.video.max_frames to at least {most}")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
@@ -495,4 +552,4 @@ def schema_doc() -> List[tuple]:
     return rows
 
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict", "to_yaml", "schema_doc", "ListConfig"]
+__all__ = ["Config", "ConfigError", "frames_at", "load_config", "apply_overrides", "from_dict", "to_dict", "to_yaml", "schema_doc", "ListConfig"]

@@ -125,6 +125,9 @@ class Wrapped:
     def load_state_dict(self, sd):
         self.inner.load_state_dict(sd)
 
+    def set_frames(self, k):  # video models' frame curriculum
+        return self.inner.set_frames(k)
+
     def stats(self):
         return self.inner.stats() if hasattr(self.inner, "stats") else {}
 

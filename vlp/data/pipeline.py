@@ -47,10 +47,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp.config import ConfigError
+from vlp.config import ConfigError, frames_at
 from vlp.data.plan import (Range, batches_per_worker, epoch_ranges, merge_ranges, resampled_ranges,
                            window_ranges)
-from vlp.data.samples import SKIP_REASONS, collate, decode_sample, image_keys, pick_caption
+from vlp.data.samples import SKIP_REASONS, collate, decode_clip_sample, decode_sample, image_keys, pick_caption
 from vlp.data.shards import Shard, resolve_shards
 from vlp.data.stream import RawStream, SourceStream
 from vlp.data.transforms import ImageTransform, resolve_image_cfg
@@ -92,6 +92,8 @@ class _Spec:
     max_corrupt_fraction: float
     remote_timeout: float = 60.0  # seconds an http(s) shard read may wait for data
     train: bool = True
+    video_keys: Optional[List[str]] = None  # video models: clips from these fields (images: 1-frame clips)
+    video_transform: Any = None  # vlp.data.video.VideoTransform, its `frames` set by the curriculum
 
 
 def check_corrupt(seen: int, bad: int, by_shard: Dict[str, int], limit: float, where: str) -> None:
@@ -211,22 +213,28 @@ def _train_batches(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, snap: 
         raw.restore(snap["stream"], on_missing=lambda n: counters.skip("read_error", "(shuffle buffer)", n))
         done = int(snap["batches"])
     while done < plan.quota:
-        images, captions, keys = [], [], []
+        images, captions, keys, frames = [], [], [], []
         mix = [0] * len(spec.sources)
         repeated = 0
         while len(images) < spec.batch_size:
             (s, p, _, _), sample = next(raw)
             counters.sample()
-            out = decode_sample(sample, spec.img_keys, spec.caption_key, spec.transform, rng)
+            if spec.video_keys is None:
+                out = decode_sample(sample, spec.img_keys, spec.caption_key, spec.transform, rng)
+            else:
+                out = decode_clip_sample(sample, spec.video_keys, spec.img_keys, spec.caption_key,
+                                         spec.video_transform, spec.transform, rng)
             if isinstance(out, str):
                 counters.skip(out, sample.get("__url__", "?"))
                 continue
             images.append(out[0])
-            captions.append(pick_caption(out[1], rng))
+            if spec.video_keys is not None:
+                frames.append(out[1])
+            captions.append(pick_caption(out[-1], rng))
             keys.append(sample["__key__"])
             mix[s] += 1
             repeated += single_epoch and p > 0
-        batch = collate(images, captions, keys, spec.tokenizer)
+        batch = collate(images, captions, keys, spec.tokenizer, frames if spec.video_keys is not None else None)
         done += 1
         batch["_meta"] = {"worker": worker, "skipped": counters.take(), "mix": mix, "repeated": repeated,
                           "state": {"batches": done, "stream": raw.snapshot(), "counters": counters.state()}}
@@ -330,6 +338,14 @@ class TrainLoader:
                                      (data.randaugment.n, data.randaugment.m)),
             tokenizer=tokenizer,
             max_corrupt_fraction=float(data.max_corrupt_fraction), remote_timeout=timeout)
+        if cfg.model.video.enabled:
+            from vlp.data.video import VideoTransform
+
+            v = data.video
+            self.spec.video_keys = image_keys(v.key)
+            self.spec.video_transform = VideoTransform(
+                size["size"], True, frames_at(v.curriculum, v.frames, 0), tuple(data.crop_scale),
+                data.interpolation, data.hflip, min_seconds=float(v.min_seconds))
         self.plan = plan  # this epoch's; the default one unless the run was resumed on another layout
         self.batches_per_epoch = plan.quota * slots
         self.epoch = 0
@@ -409,6 +425,22 @@ class TrainLoader:
             check_corrupt(self._samples + bad, bad, self._skipped_by_shard, self.spec.max_corrupt_fraction,
                           f"rank {self.rank}")
             yield batch
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip the loader decodes now (video models; 0 for images)."""
+        return self.spec.video_transform.frames if self.spec.video_transform is not None else 0
+
+    def set_frames(self, k: int) -> bool:
+        """Decode `k` frames per clip from the next batch on (the frame curriculum). The workers restart
+        from the loader's exact position (its state), so no sample is lost or repeated by the change.
+        Returns whether anything changed; the caller must then start a new iterator."""
+        if self.spec.video_transform is None or self.frames == int(k):
+            return False
+        sd = self.state_dict()
+        self.spec.video_transform = self.spec.video_transform.with_frames(int(k))
+        self.load_state_dict(sd)
+        return True
 
     # ------------------------------------------------------------------------------ state
     def _layout(self) -> dict:

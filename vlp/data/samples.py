@@ -10,7 +10,7 @@ from vlp.data.transforms import ImageTransform
 # every reason a sample (or shard part) is skipped, in training and in evaluation; training stats report
 # all of them, zeros included
 SKIP_REASONS = ("unreadable_image", "missing_image", "missing_caption", "bad_text",
-                "truncated_tar", "read_error", "short_shard")
+                "truncated_tar", "read_error", "short_shard", "unreadable_video", "too_short_video")
 # and the two only zero-shot classification has (a sample's label in its json metadata)
 LABEL_SKIP_REASONS = ("missing_label", "bad_json")
 
@@ -20,18 +20,24 @@ def image_keys(spec: str) -> List[str]:
     return [k.strip().lower() for k in spec.split(";") if k.strip()]
 
 
-def decode_sample(sample: Dict, img_keys: Sequence[str], caption_key: str, transform: ImageTransform,
-                  rng: Optional[np.random.Generator]) -> Union[str, Tuple[np.ndarray, str]]:
-    """(CHW uint8 image, raw caption) or a skip reason. The caption is checked first: it is cheap."""
+def _caption(sample: Dict, caption_key: str) -> str:
+    """The raw caption, or (prefixed with '!') the reason there is none."""
     raw = sample.get(caption_key)
     if raw is None:
-        return "missing_caption"
+        return "!missing_caption"
     try:
         text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
     except UnicodeDecodeError:
-        return "bad_text"
-    if not text.strip():
-        return "missing_caption"
+        return "!bad_text"
+    return text if text.strip() else "!missing_caption"
+
+
+def decode_sample(sample: Dict, img_keys: Sequence[str], caption_key: str, transform: ImageTransform,
+                  rng: Optional[np.random.Generator]) -> Union[str, Tuple[np.ndarray, str]]:
+    """(CHW uint8 image, raw caption) or a skip reason. The caption is checked first: it is cheap."""
+    text = _caption(sample, caption_key)
+    if text.startswith("!"):
+        return text[1:]
     data = next((sample[k] for k in img_keys if k in sample), None)
     if data is None:
         return "missing_image"
@@ -39,6 +45,33 @@ def decode_sample(sample: Dict, img_keys: Sequence[str], caption_key: str, trans
         return transform(data, rng), text
     except Exception:  # any decoder failure: corrupt or unsupported bytes
         return "unreadable_image"
+
+
+def decode_clip_sample(sample: Dict, video_keys: Sequence[str], img_keys: Sequence[str], caption_key: str,
+                       video_transform, transform: ImageTransform,
+                       rng: Optional[np.random.Generator]) -> Union[str, Tuple[np.ndarray, int, str]]:
+    """For video models: ((K,3,H,W) uint8 clip, real frames, raw caption) or a skip reason. A video field
+    gives K frames (`vlp.data.video.VideoTransform`); an image gives a 1-frame clip, zero-padded to K (the
+    model reads the padded frames as absent). video2dataset writes failed downloads without a video: an
+    image-less, video-less sample is `missing_image`."""
+    text = _caption(sample, caption_key)
+    if text.startswith("!"):
+        return text[1:]
+    k = video_transform.frames
+    data = next((sample[key] for key in video_keys if key in sample), None)
+    if data is not None:
+        try:
+            return video_transform(data, rng), k, text
+        except ValueError as e:
+            return "too_short_video" if "too short" in str(e) else "unreadable_video"
+        except Exception:  # any decoder failure: corrupt or unsupported container/codec
+            return "unreadable_video"
+    out = decode_sample(sample, img_keys, caption_key, transform, rng)
+    if isinstance(out, str):
+        return out
+    clip = np.zeros((k,) + out[0].shape, np.uint8)
+    clip[0] = out[0]
+    return clip, 1, text
 
 
 def pick_caption(text: str, rng: Optional[np.random.Generator]) -> str:
@@ -49,10 +82,18 @@ def pick_caption(text: str, rng: Optional[np.random.Generator]) -> str:
     return lines[0]
 
 
-def collate(images: List[np.ndarray], captions: List[str], keys: List[str], tokenizer) -> Dict:
+def collate(images: List[np.ndarray], captions: List[str], keys: List[str], tokenizer,
+            frames: Optional[List[int]] = None) -> Dict:
     """The training batch dict: uint8 (B,3,H,W) images, tokenised captions (one call), keys. Images are
-    normalised where the model runs (`vlp.data.transforms.DeviceNormalize`, by the trainer)."""
+    normalised where the model runs (`vlp.data.transforms.DeviceNormalize`, by the trainer). With `frames`
+    (video models) the images are (K,3,H,W) clips: `video` (B,K,3,H,W) and `video_frames` (B,) instead."""
     import torch
 
     ids, mask = tokenizer(captions)
-    return {"image": torch.from_numpy(np.stack(images)), "text_ids": ids, "text_mask": mask, "key": list(keys)}
+    batch = {"text_ids": ids, "text_mask": mask, "key": list(keys)}
+    if frames is None:
+        batch["image"] = torch.from_numpy(np.stack(images))
+    else:
+        batch["video"] = torch.from_numpy(np.stack(images))
+        batch["video_frames"] = torch.tensor(frames, dtype=torch.long)
+    return batch

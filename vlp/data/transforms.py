@@ -182,14 +182,14 @@ class DeviceNormalize:
     def __call__(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if images.dtype != torch.uint8:
             images = images.to(dtype)
-            return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+            return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
         key = images.device
         if key not in self._cached:
             self._cached[key] = (torch.tensor(self.scale, device=key).view(1, -1, 1, 1),
                                  torch.tensor(self.shift, device=key).view(1, -1, 1, 1))
         scale, shift = self._cached[key]
-        out = torch.addcmul(shift, images.float(), scale).to(dtype)
-        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+        out = torch.addcmul(shift, images.float(), scale).to(dtype)  # clips (B,K,3,H,W) broadcast alike
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last and out.dim() == 4 else out
 
 
 def resolve_image_cfg(image_cfg: Optional[dict], data_cfg=None) -> dict:

@@ -23,9 +23,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.shards import expand_shards, read_shard
+from vlp.data.video import VIDEO_EXTS, read_clip_for_eval
 from vlp.dist import ignore_stop_signals, kill_workers_at_exit
 
 IMAGE_KEYS = "jpg;jpeg;png;webp"
+VIDEO_KEYS = ";".join(VIDEO_EXTS)
 CAPTION_KEY = "txt"
 # torchvision's `IMG_EXTENSIONS`: the files ImageFolder takes as images (case-insensitive)
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -192,7 +194,8 @@ class EvalDataset(IterableDataset):
     def __init__(self, data: str, preprocess: Callable, rank: int = 0, world_size: int = 1,
                  label_fn: Optional[Callable[[Dict[str, Any]], Any]] = None, images_dir: Optional[str] = None,
                  split: str = "test", image_key: str = IMAGE_KEYS, caption_key: str = CAPTION_KEY,
-                 max_samples: int = 0, what: str = "--data", folder_labels: Optional[Dict[str, int]] = None):
+                 max_samples: int = 0, what: str = "--data", folder_labels: Optional[Dict[str, int]] = None,
+                 frames: int = 0, video_key: str = VIDEO_KEYS):
         super().__init__()
         folder = image_folder_classes(data) is not None
         if data.endswith(".json") and not folder and not os.path.isfile(data):
@@ -205,6 +208,9 @@ class EvalDataset(IterableDataset):
         self.label_fn, self.images_dir, self.split = label_fn, images_dir, split
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.caption_key, self.max_samples = caption_key.lower(), max_samples
+        # video models: a record with a video field becomes the (K,3,H,W) stack of its K segment middles
+        self.frames = int(frames)
+        self.video_keys = [k.strip().lower() for k in video_key.split(";") if k.strip()]
 
     def _prepare(self, index: int, rec: Dict[str, Any]) -> Dict[str, Any]:
         out: Dict[str, Any] = {"index": index, "key": rec.get("__key__", str(index))}
@@ -224,6 +230,14 @@ class EvalDataset(IterableDataset):
             if not captions:
                 return {**out, "skip": "missing_caption"}
             out["captions"] = captions
+        raw = next((rec[k] for k in self.video_keys if k in rec), None) if self.frames else None
+        if raw is not None:
+            try:
+                clip = read_clip_for_eval(raw, self.frames)
+            except Exception:  # any decoder failure: corrupt or unsupported container/codec
+                return {**out, "skip": "unreadable_video"}
+            out["image"] = torch.stack([self.preprocess(f) for f in clip])
+            return out
         img, reason = decode_image(rec, self.image_keys)
         if reason:
             return {**out, "skip": reason}
@@ -245,6 +259,9 @@ class EvalDataset(IterableDataset):
 def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Batch of eval items: valid ones stacked, skips listed as (index, key, reason)."""
     ok = [it for it in items if "skip" not in it]
+    if len({it["image"].dim() for it in ok}) > 1:
+        raise ValueError("an eval set mixes images and videos in one batch: evaluate image and video shards "
+                         "separately (keys " + ", ".join(str(it["key"]) for it in ok[:2]) + ")")
     batch: Dict[str, Any] = {
         "index": [it["index"] for it in ok], "key": [it["key"] for it in ok],
         "image": torch.stack([it["image"] for it in ok]) if ok else None,

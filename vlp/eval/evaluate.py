@@ -111,16 +111,20 @@ def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: O
                        max_samples: int = 0, image_key: str = IMAGE_KEYS, caption_key: str = CAPTION_KEY,
                        rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None,
                        progress: bool = True, n_examples: int = 4, ks=DEFAULT_KS,
-                       what: str = "--data") -> Dict[str, Any]:
+                       what: str = "--data", frames: int = 0) -> Dict[str, Any]:
     """Image<->text retrieval metrics over `data` (shard spec or Karpathy JSON); every rank returns the
     same dict. `rerank_k > 0` needs `model.match_scores` and adds ITM re-ranked metrics (`reranked`: ITM
-    alone; `reranked_itc`: ITM + ITC, see vlp.eval.rerank) and held-out ITM accuracy (`itm`)."""
+    alone; `reranked_itc`: ITM + ITC, see vlp.eval.rerank) and held-out ITM accuracy (`itm`). A video model
+    (`image_cfg["frames"]`, or `frames`) reads a video record as its `frames` segment middles: text<->video
+    retrieval (MSR-VTT's protocol: R@1/5/10 and median rank, every caption of a clip a query)."""
     if rerank_k and not hasattr(model, "match_scores"):
         raise ValueError(f"rerank_k={rerank_k} needs a fusion model with match_scores; "
                          f"{type(model).__name__} has none (use rerank_k=0)")
     device = device or torch.device("cpu")
+    frames = frames or int(getattr(model, "image_cfg", {}).get("frames", 0))  # video models: K middles per clip
     ds = EvalDataset(data, preprocess, rank, world_size, images_dir=images_dir, split=split,
-                     image_key=image_key, caption_key=caption_key, max_samples=max_samples, what=what)
+                     image_key=image_key, caption_key=caption_key, max_samples=max_samples, what=what,
+                     frames=frames)
     with eval_mode(model):
         local = encode_local(model, tokenizer, eval_loader(ds, batch_size, workers), device, batch_size,
                              keep_pixels=rerank_k > 0, progress=progress and rank == 0, desc="retrieval",

@@ -7,10 +7,12 @@ how many images and texts were evaluated and how many samples were skipped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from typing import Any, Dict, Optional
 
+from vlp.data.video import VIDEO_EXTS, read_clip_for_eval
 from vlp.eval.data import IMAGE_KEYS, decode_image, iter_records
 from vlp.plots import recall_bars, save_figure
 
@@ -45,10 +47,31 @@ def fetch_images(data: str, stream_indices, images_dir: Optional[str] = None, sp
     keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
     for idx, rec in enumerate(iter_records(data, images_dir, split)):
         if idx in wanted:
-            out[idx], _ = decode_image(rec, keys)
+            video = next((rec[k] for k in VIDEO_EXTS if k in rec), None)
+            if video is not None:  # a clip: 4 segment middles in a 2 x 2 grid, left to right, top to bottom
+                try:
+                    out[idx] = clip_grid(read_clip_for_eval(video, 4))
+                except Exception:  # unreadable: the cell says "(image not found)"
+                    out[idx] = None
+            else:
+                out[idx], _ = decode_image(rec, keys)
             if len(out) == len(wanted):
                 break
     return out
+
+
+def clip_grid(frames, gap: int = 2):
+    """PIL frames of one clip -> one PIL image: a grid of ceil(sqrt(n)) columns, white gaps between."""
+    from PIL import Image
+
+    n = len(frames)
+    cols = max(1, int(math.ceil(math.sqrt(n))))
+    rows = -(-n // cols)
+    w, h = frames[0].size
+    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
+    for i, f in enumerate(frames):
+        grid.paste(f.resize((w, h)), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
+    return grid
 
 
 THUMB_PX = 160  # every thumbnail's longer side in the saved PNG (issue: >= 128 px whatever the source size)

@@ -356,7 +356,7 @@ def evaluate_zeroshot(model, tokenizer, preprocess, data: str, classnames: Seque
                       *, label_key: Optional[str] = None, batch_size: int = 64, workers: int = 0,
                       max_samples: int = 0, image_key: str = "jpg;jpeg;png;webp", rank: int = 0,
                       world_size: int = 1, device: Optional[torch.device] = None,
-                      progress: bool = True) -> Dict[str, Any]:
+                      progress: bool = True, frames: int = 0) -> Dict[str, Any]:
     """Zero-shot classification metrics over `data` (shards, a CLIP_benchmark dataset root or split
     folder, or a folder-per-class image directory); every rank returns the same dict."""
     device = device or torch.device("cpu")
@@ -369,8 +369,9 @@ def evaluate_zeroshot(model, tokenizer, preprocess, data: str, classnames: Seque
                   else folder_labels(data, classes, classnames, "the class names given"))
     else:
         data = shard_spec(data)[0]
+    frames = frames or int(getattr(model, "image_cfg", {}).get("frames", 0))  # video models: clips of video classes
     ds = EvalDataset(data, preprocess, rank, world_size, label_fn=LabelFn(classnames, label_key),
-                     image_key=image_key, max_samples=max_samples, folder_labels=labels)
+                     image_key=image_key, max_samples=max_samples, folder_labels=labels, frames=frames)
     with eval_mode(model):
         cls_emb = class_embeddings(model, tokenizer, classnames, templates, device, batch_size, rank, world_size)
         local = encode_local(model, tokenizer, eval_loader(ds, batch_size, workers), device, batch_size,

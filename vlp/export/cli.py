@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         result = export(args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype,
                         overwrite=args.overwrite, verify=not args.no_verify, push_to_hub=args.push_to_hub,
                         private=args.private, revision=args.revision, commit_message=args.commit_message,
-                        dry_run=args.dry_run, log=log, progress=True)
+                        dry_run=args.dry_run, log=log, progress=True, image_only=args.image_only)
     except (ExportError, CheckpointNotFound, ConfigError) as e:
         print(f"vlp export: {e}", file=sys.stderr)
         return EXIT_USER
@@ -110,6 +110,9 @@ def register(subparsers) -> None:
     p.add_argument("--commit-message", default=None, metavar="M", help="Hub commit message")
     p.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded; "
                                                           "upload nothing")
+    p.add_argument("--image-only", action="store_true",
+                   help="video models to hf/open_clip: export the image (1-frame) path, leaving the trained "
+                        "temporal parts out (export.image_only)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip reloading the export and comparing it with the trained model")
     p.set_defaults(func=run)

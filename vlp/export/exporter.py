@@ -152,7 +152,7 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
            overwrite: bool = False, verify: bool = True, push_to_hub: Optional[str] = None, private: bool = False,
            revision: Optional[str] = None, commit_message: Optional[str] = None, dry_run: bool = False,
            endpoint: Optional[str] = None, log: Callable[[str], None] = print,
-           progress: bool = False) -> ExportResult:
+           progress: bool = False, image_only: bool = False) -> ExportResult:
     """Export the checkpoint of `checkpoint` (run dir, checkpoints/ dir or step dir) to `out`. `progress`:
     a bar over the stages (weights, layout, model card, verification, move) with rate and ETA on stderr."""
     out = os.path.abspath(out)
@@ -162,6 +162,8 @@ def export(checkpoint: str, fmt: Optional[str], out: str, *, step: Optional[int]
     if push_to_hub and not dry_run:
         preflight(push_to_hub)
     cfg = checkpoint_config(ckpt)
+    if image_only:  # a video model's image path into hf / open_clip (vlp.export.sides.check_video_export)
+        cfg.export.image_only = True
     fmt = fmt or cfg.export.format
     dtype = dtype or cfg.export.dtype
     if fmt not in FORMATS:

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from vlp.export.sides import check_dual_encoder, hf_module, text_ir, vision_ir
+from vlp.export.sides import check_dual_encoder, check_video_export, hf_module, text_ir, vision_ir
 from vlp.export.tokenizer_files import hf_tokenizer
 from vlp.export.transformer_ir import Unsupported, compose, text_to_hf_clip, vit_to_dinov2, vit_to_hf_clip
 from vlp.export.weights import DTYPES
@@ -110,6 +110,7 @@ def hf_model(model: nn.Module, cfg: Any, eot_id: Optional[int]) -> nn.Module:
     from transformers import CLIPConfig, CLIPModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
     check_dual_encoder(model)
+    check_video_export(model, cfg, 'hf')
     if is_siglip(model):
         from vlp.export.siglip_hf import hf_siglip
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from vlp.export.sides import check_dual_encoder, hf_module, open_clip_text_module, vision_ir
+from vlp.export.sides import check_dual_encoder, check_video_export, hf_module, open_clip_text_module, vision_ir
 from vlp.export.tokenizer_files import write_open_clip_tokenizer
 from vlp.export.transformer_ir import Unsupported, compose, vit_to_open_clip
 from vlp.export.weights import ONE_FILE, cast, save_state_dict
@@ -207,6 +207,7 @@ def open_clip_layout(model: nn.Module, cfg: Any, image_cfg: Dict[str, Any], out_
     """(open_clip_config.json content, state dict) for a dual encoder; `final_dir` is where the
     export will live (only used when a config must be referenced by absolute path)."""
     check_dual_encoder(model)
+    check_video_export(model, cfg, 'open_clip')
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     reasons, vision_cfg, text_cfg, weights = [], {}, {}, {}
     vq = tq = None

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch.nn as nn
 
+from vlp.models.video import temporal_parts_used
 from vlp.export.transformer_ir import (TextTransformer, Unsupported, ViT, compose, text_from_open_clip,
                                        vit_from_open_clip, vit_from_timm)
 
@@ -19,6 +20,19 @@ def check_dual_encoder(model: nn.Module) -> None:
         if not hasattr(model, attr):
             raise Unsupported(f"{type(model).__name__} is not a dual encoder (no `{attr}`): only --format vlp "
                               "exports it")
+
+
+def check_video_export(model: nn.Module, cfg: Any, layout: str) -> None:
+    """HF and open_clip layouts hold image towers. A video model exports there only as its image path (the
+    1-frame path, exactly the image ViT): at once when its temporal parts are unused (still at their init,
+    or a frame-average tower, which has none), else only when asked (`export.image_only=true`)."""
+    if not getattr(model, "video", False):
+        return
+    if temporal_parts_used(model.vision) and not cfg.export.image_only:
+        raise Unsupported(f"this is a video model whose space-time tower's temporal attention has been trained: the "
+                          f"{layout} layout holds an image tower only, so the video path cannot be exported there "
+                          f"(use --format vlp, which vlp.load_pretrained reads back whole); to export the image path "
+                          f"alone (the 1-frame path, which never uses the temporal parts) set export.image_only=true")
 
 
 def hf_module(model: nn.Module, side: str) -> Optional[nn.Module]:

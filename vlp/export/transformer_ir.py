@@ -188,7 +188,9 @@ def timm_blocks(m: nn.Module, what: str, tanh: bool = False) -> Tuple[List[Block
     blocks, act = [], None
     for i, b in enumerate(m.blocks):
         w = f"{what} block {i}"
-        if type(b).__name__ != "Block":
+        # a video tower's SpaceTimeBlock is the image Block on the image path (its temporal parts, which
+        # vlp.export.sides.check_video_export vetted, are left out)
+        if type(b).__name__ not in ("Block", "SpaceTimeBlock"):
             raise Unsupported(f"{w} is {type(b).__name__}, not a plain pre-norm Block")
         a = b.attn
         for name in ("q_norm", "k_norm", "norm"):

@@ -105,6 +105,10 @@ def verify_export(fmt: str, path: str, model: torch.nn.Module, tokenizer: Any, i
     with torch.no_grad():
         if hasattr(model, "encode_image"):
             out["image_max_abs_diff"] = _compare(f"{fmt} image", model.encode_image(images), enc_image(images), tol)
+        if getattr(model, "video", False) and fmt == "vlp":  # the clip path too: (2, K, 3, H, W)
+            k = int(image_cfg.get("frames") or model.image_cfg.get("frames", 2))
+            clips = torch.stack([images.roll(i, dims=-1) for i in range(k)], dim=1)
+            out["video_max_abs_diff"] = _compare(f"{fmt} video", model.encode_image(clips), enc_image(clips), tol)
         if hasattr(model, "encode_text"):
             ids, mask = tokenizer(SAMPLE_CAPTIONS)
             out["text_max_abs_diff"] = _compare(f"{fmt} text", model.encode_text(ids, mask),

@@ -30,6 +30,7 @@ from vlp.losses import clip_loss, siglip_loss
 from vlp.models.bus import check_bus
 from vlp.models.registry import register_model
 from vlp.models.towers import Tower, build_towers
+from vlp.models.video import add_video, check_video_tower, encode_clips
 
 
 def _head(tower: Tower, embed_dim: int) -> nn.Module:
@@ -64,6 +65,7 @@ class DualEncoder(nn.Module):
             self.logit_bias = None
         self.logit_scale = nn.Parameter(torch.full((1,), init))
         self.siglip_chunked = bool(getattr(cfg, "siglip_chunked", False))
+        self.video = bool(cfg.video.enabled)  # the vision tower reads clips (vlp.models.video)
         self.locked = {"vision": bool(cfg.vision.locked), "text": bool(cfg.text.locked)}
         for name, locked in self.locked.items():
             if locked:
@@ -85,9 +87,33 @@ class DualEncoder(nn.Module):
                 module.after_step()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) normalised pixels -> (B, embed_dim) unit-norm float32 embeddings."""
+        """(B,3,H,W) normalised pixels -> (B, embed_dim) unit-norm float32 embeddings. A video model also
+        takes clips (B,K,3,H,W) here (`encode_video`), so every evaluation path serves both."""
+        if images.dim() == 5:
+            return self.encode_video(images)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["vision"]):
             feats = self.vision(images)
+        return F.normalize(self.image_proj(feats).float(), dim=-1)
+
+    def example_batch(self, n: int, image_size: int, context_length: int, param: torch.Tensor) -> Dict[str, Any]:
+        """FLOP counting's batch (vlp.models.flops): images, or for a video model clips of
+        `example_frames` frames (the trainer sets it per curriculum stage; default model.video.max_frames)."""
+        ids = torch.ones(n, context_length, dtype=torch.long, device=param.device)
+        batch: Dict[str, Any] = {"text_ids": ids, "text_mask": torch.ones_like(ids)}
+        shape = (n, 3, image_size, image_size)
+        if self.video:
+            k = int(getattr(self, "example_frames", 0) or self.image_cfg["frames"])
+            batch["video"] = torch.zeros((n, k) + shape[1:], device=param.device, dtype=param.dtype)
+        else:
+            batch["image"] = torch.zeros(shape, device=param.device, dtype=param.dtype)
+        return batch
+
+    def encode_video(self, video: torch.Tensor, frames: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B,K,3,H,W) normalised clips (`frames`: real frames per clip, 1 for an image) -> (B, embed_dim)."""
+        if not self.video:
+            raise ValueError("encode_video: this model's vision tower reads images (model.video.enabled is false)")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked["vision"]):
+            feats = encode_clips(self.vision, video, frames)
         return F.normalize(self.image_proj(feats).float(), dim=-1)
 
     def _text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,7 +150,10 @@ class DualEncoder(nn.Module):
     def forward(self, batch: Dict[str, Any], loss_fn: Optional[Callable[..., Dict[str, Any]]] = None) -> Dict[str, Any]:
         """Encode the batch, then `loss_fn(image_emb, text_emb)` (default: `compute_loss`); GradCache
         (vlp.train.grad_cache) passes its own, through the engine so that ZeRO's hooks run."""
-        image_emb = self.encode_image(batch["image"])
+        if "video" in batch:
+            image_emb = self.encode_video(batch["video"], batch.get("video_frames"))
+        else:
+            image_emb = self.encode_image(batch["image"])
         text_emb = self.encode_text(batch["text_ids"], batch["text_mask"])
         return (loss_fn or self.compute_loss)(image_emb, text_emb)
 
@@ -163,7 +192,12 @@ def build_dual_encoder(cfg: DictConfig) -> DualEncoder:
     _check(cfg)
     if cfg.bus.enabled:
         check_bus(cfg.bus, cfg.type, cfg.vision)
+    if cfg.video.enabled:
+        check_video_tower(cfg.video, cfg)
     vision, text = build_towers(cfg)
+    if cfg.video.enabled:
+        add_video(vision.module, cfg.video)
+        vision.info.update(frames=int(cfg.video.max_frames), temporal=str(cfg.video.temporal))
     return DualEncoder(cfg, vision, text, objective=cfg.type)
 
 

@@ -1,4 +1,5 @@
-"""`vlp data bench`: stream the full training loader over shards and report samples/s.
+"""`vlp data bench`: stream the full training loader over shards and report samples/s (and, for a video
+model's config, clips/s and frames/s).
 
 It lives with training because it measures the training loader as `vlp train` builds it: the
 image size, mean and std come from the model a config names. Timing starts when the first batch arrives, so worker start-up (reported separately as
@@ -41,10 +42,15 @@ def run_bench(args) -> int:
     it = iter(loader)
     next(it)
     start = time.perf_counter()
-    done = 0
+    done = frames = clips = 0
     with tqdm(total=target, unit="sample", desc="loader", file=sys.stderr, disable=bool(args.json) and not sys.stderr.isatty()) as bar:
         while done < target:
-            n = len(next(it)["key"])
+            got = next(it)
+            n = len(got["key"])
+            if "video_frames" in got:  # a video model's loader: clips (K frames) and images (1 frame)
+                counts = got["video_frames"]
+                frames += int(counts.sum())
+                clips += int((counts > 1).sum()) if got["video"].shape[1] > 1 else n
             done += n
             bar.update(n)
     seconds = time.perf_counter() - start
@@ -53,7 +59,12 @@ def run_bench(args) -> int:
               "startup_s": round(start - t0, 3), "workers": int(cfg.data.workers), "batch_size": batch,
               "image_size": loader.image_cfg["size"], "interpolation": cfg.data.interpolation,
               "skipped": stats["skipped"], "shards": args.shards}
-    print(f"{done} samples in {seconds:.2f} s: {result['samples_per_s']} samples/s "
+    video = ""
+    if frames:
+        result.update(clips_per_s=round(clips / seconds, 1), frames_per_s=round(frames / seconds, 1),
+                      frames_per_clip=loader.frames)
+        video = f", {result['clips_per_s']} clips/s, {result['frames_per_s']} frames/s ({loader.frames} per clip)"
+    print(f"{done} samples in {seconds:.2f} s: {result['samples_per_s']} samples/s{video} "
           f"({result['workers']} workers, batch {batch}, {result['image_size']} px, startup {result['startup_s']} s)")
     if args.json:
         print(json.dumps(result))

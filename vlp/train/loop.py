@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from vlp import checkpoint as ckpt
-from vlp.config import ConfigError, persisted_dict, persisted_yaml
+from vlp.config import ConfigError, frames_at, persisted_dict, persisted_yaml
 from vlp.data import build_train_loader
 from vlp.data.shards import expand_shards
 from vlp.data.transforms import DeviceNormalize, resolve_image_cfg
@@ -115,7 +115,7 @@ def _to_device(batch: Dict[str, Any], device: torch.device, float_dtype: torch.d
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, non_blocking=True)
-            if k == "image" and normalize is not None:
+            if k in ("image", "video") and normalize is not None:
                 v = normalize(v, float_dtype)
             elif v.is_floating_point():
                 v = v.to(float_dtype)
@@ -290,7 +290,8 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
     ds_cfg = deepspeed_config(cfg, world, n_params=sum(p.numel() for p in model.parameters()))
     groups = param_groups(model, float(t.weight_decay))
     # counted on the whole model, before ZeRO-3 partitions its weights
-    flops_sample = float(flops_per_sample(model, image_size, int(cfg.data.tokenizer.context_length)))
+    flops_by_frames = _flops_by_frames(model, cfg, image_size)
+    flops_sample = flops_by_frames.get(0) or flops_by_frames[_frames(cfg, 0)]
     # NHWC images only: a convolution given NHWC input computes NHWC, layer after layer; the weights stay
     # contiguous (DeepSpeed broadcasts and flattens parameters as plain contiguous tensors)
     channels_last = use_channels_last(model, str(t.channels_last))
@@ -333,7 +334,7 @@ def _train(cfg: DictConfig, make_loader: Optional[Callable], info: DistInfo) -> 
             norm = resolve_image_cfg(model.image_cfg, cfg.data)
             result = _run(TrainState(cfg, engine, optimizer, loader, writer, info, stop, step, samples_seen,
                                      float_dtype, flops_sample, peak, config_yaml,
-                                     DeviceNormalize(norm["mean"], norm["std"], channels_last)))
+                                     DeviceNormalize(norm["mean"], norm["std"], channels_last), flops_by_frames))
     finally:
         writer.close()
     return result
@@ -385,6 +386,30 @@ class TrainState:
     peak: Peak  # peak FLOP/s of all ranks' hardware, for MFU (flops 0: unknown)
     config_yaml: str  # stored with every checkpoint
     normalize: Optional[DeviceNormalize] = None  # the loader's uint8 images -> normalised, on the device
+    flops_by_frames: Dict[int, float] = field(default_factory=dict)  # video models: per frame count
+
+
+def _frames(cfg: DictConfig, step: int) -> int:
+    """Frames per clip at `step` for a video model (the curriculum), 0 for an image model."""
+    if not cfg.model.video.enabled:
+        return 0
+    return frames_at(cfg.data.video.curriculum, cfg.data.video.frames, step)
+
+
+def _flops_by_frames(model, cfg: DictConfig, image_size: int) -> Dict[int, float]:
+    """Training FLOPs per sample, per frame count a video run's curriculum uses ({0: ...} for images). A
+    batch that mixes images (1-frame clips) with clips costs less than its stage's figure: MFU is then a
+    lower bound."""
+    ctx = int(cfg.data.tokenizer.context_length)
+    if not cfg.model.video.enabled:
+        return {0: float(flops_per_sample(model, image_size, ctx))}
+    v = cfg.data.video
+    out = {}
+    for k in sorted({int(v.frames)} | {int(e[1]) for e in v.curriculum} | {_frames(cfg, 0)}):
+        model.example_frames = k
+        out[k] = float(flops_per_sample(model, image_size, ctx))
+    model.example_frames = 0
+    return out
 
 
 def _run(state: TrainState) -> TrainResult:
@@ -396,6 +421,11 @@ def _run(state: TrainState) -> TrainResult:
     ga, mb = int(t.grad_accum), int(t.micro_batch_size)
     grad_cache = bool(t.grad_cache) and ga > 1  # with one micro-batch it is the plain step
     batches = _Batches(loader, info.device)
+    v = cfg.data.video
+    if cfg.model.video.enabled and len({int(v.frames)} | {int(e[1]) for e in v.curriculum}) > 1 \
+            and not hasattr(loader, "set_frames"):
+        raise ConfigError(f"data.video.curriculum changes the frames per clip, but the training loader "
+                          f"({type(loader).__name__}) has no set_frames(k): use vlp's loader or give it one")
     total_samples = _total_samples(engine, cfg, world)
     steps_total = step + max(0, -(-(total_samples - samples_seen) // (mb * ga * world)))  # t.steps unless the batch changed
     bar = tqdm(total=steps_total, initial=step, disable=rank != 0, dynamic_ncols=True, mininterval=1.0,
@@ -404,6 +434,12 @@ def _run(state: TrainState) -> TrainResult:
     window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
     warned_mfu, curves_at = False, time.perf_counter()
     while samples_seen < total_samples:
+        frames = _frames(cfg, step)
+        if frames and hasattr(loader, "set_frames") and loader.set_frames(frames):
+            batches.it = None  # the workers restart at the loader's exact position, decoding `frames` per clip
+            if rank == 0:
+                bar.write(f"step {step}: clips of {frames} frame(s) from here on (data.video.curriculum)")
+        flops_sample = state.flops_by_frames.get(frames, flops_sample)
         lr = optimizer.param_groups[0]["lr"]
         metrics: List[Dict[str, torch.Tensor]] = []
         keys: List[List[str]] = []
