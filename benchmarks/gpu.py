@@ -14,6 +14,7 @@ batches stay outside it; `--steps` must be under twice `--warmup` plus the windo
   batch held in memory and fed again (uint8 on the device: the model's ceiling), at ZeRO 0, 2 and 3;
 - `clip_b16_loader`: the same with the real loader over local JPEG shards (2,000 images, 256-512 px,
   written once by benchmarks/loader.py): does the loader keep up? (compare with `clip_b16_mem_z0`);
+  `clip_b16_loader_gpu_decode` the same with `data.decode=device` (torchvision's nvJPEG decode on the GPU);
 - `albef_base`, `bus_base`: ALBEF and ALBEF + BUS at the paper's geometry (ViT-B/16 at 256 px, BERT-base
   widths, 6 + 6 text/fusion layers, 64 per GPU), with a word-level vocabulary written from the shards
   instead of bert-base-uncased's (the GPU host has no network; embedding rows barely move the cost).
@@ -114,6 +115,9 @@ def configurations(tiny: bool, shards: str, vocab: str):
         out[f"clip_b16_mem_z{z}_compiled"] = ("configs/clip_vit_b16.yaml", clip + [f"train.zero_stage={z}",
                                                                                    "train.compile=true"], True)
     out["clip_b16_loader"] = ("configs/clip_vit_b16.yaml", clip + ["train.zero_stage=0"], False)
+    # the JPEGs decoded on the GPU (nvJPEG, data.decode=device): the loader's cores only read headers
+    out["clip_b16_loader_gpu_decode"] = ("configs/clip_vit_b16.yaml", clip + ["train.zero_stage=0",
+                                                                              "data.decode=device"], False)
     out["albef_base"] = ("configs/albef_base.yaml", albef, True)
     out["bus_base"] = ("configs/bus_base.yaml", albef + (["model.bus.pad_heads=2", "model.bus.blocks=[1]"] if tiny else []), True)
     return out

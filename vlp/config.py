@@ -92,6 +92,7 @@ class DataConfig:
     max_corrupt_fraction: float = 0.1  # fail when more than this fraction of samples is corrupt
     remote_timeout: float = 60.0  # http(s) shards: seconds a read may wait for data before it fails, naming the URL
     video: VideoDataConfig = field(default_factory=VideoDataConfig)  # clips, for model.video.enabled
+    decode: str = "loader"  # loader: JPEGs decoded by the DataLoader workers | device: by torchvision.io.decode_jpeg where the model runs (nvJPEG on GPUs), for hosts with few cores per GPU
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -275,6 +276,7 @@ _CHOICES = {
     "export.format": ("hf", "open_clip", "vlp"),
     "export.dtype": ("fp32", "bf16", "fp16"),
     "model.video.temporal": ("divided", "mean"),
+    "data.decode": ("loader", "device"),
 }
 
 
@@ -415,6 +417,10 @@ def _check_values(cfg: DictConfig) -> None:
     if len(cfg.data.mean) not in (0, 3) or len(cfg.data.std) not in (0, 3):
         raise ConfigError("bad value for 'data.mean'/'data.std': give 3 values each, or leave empty")
     _check_video(cfg)
+    if cfg.data.decode == "device" and (cfg.data.randaugment.n or cfg.model.video.enabled):
+        raise ConfigError("data.decode=device decodes still JPEGs with crop and flip only: it does not combine with "
+                          + ("data.randaugment.n > 0" if cfg.data.randaugment.n else "model.video.enabled")
+                          + " (use data.decode=loader)")
     resume = cfg.train.resume
     if resume not in ("auto", "none") and not os.path.exists(resume):
         raise ConfigError(f"bad value for 'train.resume': {resume!r} is neither 'auto', 'none' nor an existing path")

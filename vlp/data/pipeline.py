@@ -50,7 +50,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.config import ConfigError, frames_at
 from vlp.data.plan import (Range, batches_per_worker, epoch_ranges, merge_ranges, resampled_ranges,
                            window_ranges)
-from vlp.data.samples import SKIP_REASONS, collate, decode_clip_sample, decode_sample, image_keys, pick_caption
+from vlp.data.samples import (SKIP_REASONS, collate, decode_clip_sample, decode_sample, image_keys, pick_caption,
+                              plan_sample)
 from vlp.data.shards import Shard, resolve_shards
 from vlp.data.stream import RawStream, SourceStream
 from vlp.data.transforms import ImageTransform, resolve_image_cfg
@@ -94,6 +95,7 @@ class _Spec:
     train: bool = True
     video_keys: Optional[List[str]] = None  # video models: clips from these fields (images: 1-frame clips)
     video_transform: Any = None  # vlp.data.video.VideoTransform, its `frames` set by the curriculum
+    device_decode: bool = False  # data.decode=device: JPEG bytes + crop/flip in the batch, decoded by the trainer
 
 
 def check_corrupt(seen: int, bad: int, by_shard: Dict[str, int], limit: float, where: str) -> None:
@@ -219,7 +221,9 @@ def _train_batches(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, snap: 
         while len(images) < spec.batch_size:
             (s, p, _, _), sample = next(raw)
             counters.sample()
-            if spec.video_keys is None:
+            if spec.device_decode:
+                out = plan_sample(sample, spec.img_keys, spec.caption_key, spec.transform, rng)
+            elif spec.video_keys is None:
                 out = decode_sample(sample, spec.img_keys, spec.caption_key, spec.transform, rng)
             else:
                 out = decode_clip_sample(sample, spec.video_keys, spec.img_keys, spec.caption_key,
@@ -234,7 +238,8 @@ def _train_batches(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, snap: 
             keys.append(sample["__key__"])
             mix[s] += 1
             repeated += single_epoch and p > 0
-        batch = collate(images, captions, keys, spec.tokenizer, frames if spec.video_keys is not None else None)
+        batch = collate(images, captions, keys, spec.tokenizer, frames if spec.video_keys is not None else None,
+                        size=spec.transform.size if spec.device_decode else 0)
         done += 1
         batch["_meta"] = {"worker": worker, "skipped": counters.take(), "mix": mix, "repeated": repeated,
                           "state": {"batches": done, "stream": raw.snapshot(), "counters": counters.state()}}
@@ -338,6 +343,7 @@ class TrainLoader:
                                      (data.randaugment.n, data.randaugment.m)),
             tokenizer=tokenizer,
             max_corrupt_fraction=float(data.max_corrupt_fraction), remote_timeout=timeout)
+        self.spec.device_decode = data.decode == "device"
         if cfg.model.video.enabled:
             from vlp.data.video import VideoTransform
 

@@ -1,7 +1,7 @@
 """Raw sample -> (uint8 image, caption) or the reason it is skipped; decoded samples -> a batch."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -74,6 +74,26 @@ def decode_clip_sample(sample: Dict, video_keys: Sequence[str], img_keys: Sequen
     return clip, 1, text
 
 
+def plan_sample(sample: Dict, img_keys: Sequence[str], caption_key: str, transform: ImageTransform,
+                rng: Optional[np.random.Generator]) -> Union[str, Tuple[Any, str]]:
+    """`data.decode=device`: ((jpeg bytes, crop box, flip) or a CHW uint8 image decoded here for non-JPEGs,
+    raw caption), or a skip reason. A JPEG is decoded later, where the model runs
+    (`vlp.data.transforms.decode_on_device`)."""
+    text = _caption(sample, caption_key)
+    if text.startswith("!"):
+        return text[1:]
+    data = next((sample[k] for k in img_keys if k in sample), None)
+    if data is None:
+        return "missing_image"
+    plan = transform.plan(data, rng)
+    if plan is not None:
+        return (bytes(data), plan[0], plan[1]), text
+    try:
+        return transform(data, rng), text
+    except Exception:  # any decoder failure: corrupt or unsupported bytes
+        return "unreadable_image"
+
+
 def pick_caption(text: str, rng: Optional[np.random.Generator]) -> str:
     """One caption from a field holding one per line: a random one in training, else the first."""
     lines = [t.strip() for t in text.splitlines() if t.strip()]
@@ -82,8 +102,8 @@ def pick_caption(text: str, rng: Optional[np.random.Generator]) -> str:
     return lines[0]
 
 
-def collate(images: List[np.ndarray], captions: List[str], keys: List[str], tokenizer,
-            frames: Optional[List[int]] = None) -> Dict:
+def collate(images: List[Any], captions: List[str], keys: List[str], tokenizer,
+            frames: Optional[List[int]] = None, size: int = 0) -> Dict:
     """The training batch dict: uint8 (B,3,H,W) images, tokenised captions (one call), keys. Images are
     normalised where the model runs (`vlp.data.transforms.DeviceNormalize`, by the trainer). With `frames`
     (video models) the images are (K,3,H,W) clips: `video` (B,K,3,H,W) and `video_frames` (B,) instead."""
@@ -91,7 +111,17 @@ def collate(images: List[np.ndarray], captions: List[str], keys: List[str], toke
 
     ids, mask = tokenizer(captions)
     batch = {"text_ids": ids, "text_mask": mask, "key": list(keys)}
-    if frames is None:
+    if frames is None and size:  # data.decode=device: JPEGs travel as bytes with their crop and flip
+        jpeg = [i for i, im in enumerate(images) if isinstance(im, tuple)]
+        stack = np.zeros((len(images), 3, size, size), np.uint8)
+        for i, im in enumerate(images):
+            if not isinstance(im, tuple):
+                stack[i] = im
+        batch.update(image=torch.from_numpy(stack), jpeg_index=torch.tensor(jpeg, dtype=torch.long),
+                     jpeg=[torch.frombuffer(bytearray(images[i][0]), dtype=torch.uint8) for i in jpeg],
+                     jpeg_box=torch.tensor([images[i][1] for i in jpeg], dtype=torch.long).reshape(-1, 4),
+                     jpeg_flip=torch.tensor([images[i][2] for i in jpeg], dtype=torch.bool))
+    elif frames is None:
         batch["image"] = torch.from_numpy(np.stack(images))
     else:
         batch["video"] = torch.from_numpy(np.stack(images))

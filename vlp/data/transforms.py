@@ -136,6 +136,19 @@ class ImageTransform:
         self.hflip = bool(hflip)
         self.randaugment = (int(randaugment[0]), float(randaugment[1]))
 
+    def plan(self, data: bytes, rng: Optional[np.random.Generator] = None) -> Optional[Tuple[Box, bool]]:
+        """For decoding on the device (`data.decode=device`): the crop box (full-resolution pixels) and flip
+        of a JPEG, read from its header alone, drawn from `rng` exactly as `__call__` draws them; None for
+        other formats (decoded here) and for headers simplejpeg cannot read."""
+        if not _is_jpeg(data):
+            return None
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            return None
+        box = random_resized_crop_box(h, w, self.crop_scale, rng) if self.train else center_crop_box(h, w)
+        return box, bool(self.train and self.hflip and rng.random() < 0.5)
+
     def __call__(self, data: bytes, rng: Optional[np.random.Generator] = None) -> np.ndarray:
         if self.train:
             box_fn = lambda h, w: random_resized_crop_box(h, w, self.crop_scale, rng)  # noqa: E731
@@ -190,6 +203,44 @@ class DeviceNormalize:
         scale, shift = self._cached[key]
         out = torch.addcmul(shift, images.float(), scale).to(dtype)  # clips (B,K,3,H,W) broadcast alike
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last and out.dim() == 4 else out
+
+
+def decode_on_device(batch: Dict[str, Any], device: torch.device, interpolation: str = "bilinear") -> Dict[str, Any]:
+    """`data.decode=device`: the batch's JPEG bytes (`jpeg`, a list of uint8 tensors, with `jpeg_index` rows,
+    `jpeg_box` (top, left, height, width) and `jpeg_flip`) decoded by `torchvision.io.decode_jpeg` on
+    `device` (nvJPEG, batched, on CUDA; libjpeg on CPU), cropped, resized (antialiased) and flipped into the
+    rows of the uint8 `image` batch, which stays uint8 for `DeviceNormalize`. Frees the loader's cores of the
+    decode, the dominant per-sample cost. A JPEG the device decoder refuses is decoded by PIL on the host."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = batch.pop("jpeg")
+    rows, boxes, flips = batch.pop("jpeg_index").tolist(), batch.pop("jpeg_box").tolist(), batch.pop("jpeg_flip").tolist()
+    images = batch["image"].to(device, non_blocking=True)
+    if not raw:
+        batch["image"] = images
+        return batch
+    try:
+        decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad or exotic file fails the batched call: each on its own, PIL for refusals
+        decoded = []
+        for r in raw:
+            try:
+                decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                with Image.open(io.BytesIO(r.numpy().tobytes())) as im:
+                    decoded.append(torch.from_numpy(np.asarray(im.convert("RGB")).transpose(2, 0, 1).copy()).to(device))
+    size = images.shape[-1]
+    mode = {"nearest": "nearest", "area": "area"}.get(interpolation, interpolation)
+    for row, img, (top, left, h, w), flip in zip(rows, decoded, boxes, flips):
+        crop = img[:, top:top + h, left:left + w].float()[None]
+        if crop.shape[-2:] != (size, size):
+            crop = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode,
+                                                   antialias=mode in ("bilinear", "bicubic"),
+                                                   **({"align_corners": False} if mode in ("bilinear", "bicubic") else {}))
+        out = crop[0].round_().clamp_(0, 255).to(torch.uint8)
+        images[row] = out.flip(-1) if flip else out
+    batch["image"] = images
+    return batch
 
 
 def resolve_image_cfg(image_cfg: Optional[dict], data_cfg=None) -> dict:

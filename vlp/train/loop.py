@@ -39,7 +39,7 @@ from vlp import checkpoint as ckpt
 from vlp.config import ConfigError, frames_at, persisted_dict, persisted_yaml
 from vlp.data import build_train_loader
 from vlp.data.shards import expand_shards
-from vlp.data.transforms import DeviceNormalize, resolve_image_cfg
+from vlp.data.transforms import DeviceNormalize, decode_on_device, resolve_image_cfg
 from vlp.data.tokenizers import build_tokenizer
 from vlp.eval.evaluate import run_retrieval_eval
 from vlp.dist import DistInfo, StopRequest, all_reduce_sum, gather_objects, setup_distributed
@@ -448,6 +448,8 @@ def _run(state: TrainState) -> TrainResult:
         for _ in range(ga):
             batch = batches.next()
             keys.append(list(batch.get("key", [])))
+            if "jpeg" in batch:  # data.decode=device: the JPEGs are decoded here, on the device
+                batch = decode_on_device(batch, info.device, str(cfg.data.interpolation))
             batch = _to_device(batch, info.device, float_dtype, state.normalize)
             if "text_mask" in batch:
                 tokens += batch["text_mask"].sum()
