@@ -9,8 +9,9 @@ from collections import Counter
 from typing import Dict, List, Optional
 
 from data_pipelines.shardspec import expand_shards, iter_samples
+from vlp.data.video import VIDEO_EXTS, clip_grid, read_clip_for_eval
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # and videos (VIDEO_EXTS): shown as 4 frames
 
 
 def _summary(values: List[int]) -> Dict:
@@ -37,7 +38,7 @@ def inspect_shards(spec: str, n: int = 16, out_png: Optional[str] = None, captio
         per_shard[s["__url__"]] += 1
         keys[s["__key__"]] += 1
         exts.update(k for k in s if not k.startswith("__"))
-        img = next((e for e in IMAGE_EXTS if e in s), None)
+        img = next((e for e in IMAGE_EXTS + VIDEO_EXTS if e in s), None)
         no_image += img is None
         if caption_key in s:
             caps = [c for c in s[caption_key].decode("utf-8", errors="replace").splitlines() if c.strip()]
@@ -47,7 +48,8 @@ def inspect_shards(spec: str, n: int = 16, out_png: Optional[str] = None, captio
             no_caption += 1
             caps = []
         if len(first) < n:
-            first.append({"key": s["__key__"], "image": s.get(img) if img else None, "caption": "\n".join(caps)})
+            first.append({"key": s["__key__"], "image": s.get(img) if img else None, "caption": "\n".join(caps),
+                          "video": img in VIDEO_EXTS})
     report = {
         "shards": [{"name": os.path.basename(p), "samples": per_shard.get(p, 0)} for p in paths],
         "samples": sum(per_shard.values()),
@@ -80,8 +82,10 @@ def contact_sheet(samples: List[Dict], out_png: str, cols: int = 4) -> None:
         ax.axis("off")
     for ax, s in zip(axes.flat, samples):
         if s["image"] is not None:
-            try:
-                ax.imshow(Image.open(io.BytesIO(s["image"])).convert("RGB"))
+            try:  # a video: its 4 segment middles in a 2 x 2 grid
+                data = s["image"]
+                ax.imshow(clip_grid(read_clip_for_eval(data, 4)) if s.get("video")
+                          else Image.open(io.BytesIO(data)).convert("RGB"))
             except Exception as e:  # show the failure on the sheet rather than stopping
                 ax.text(0.5, 0.5, f"unreadable:\n{type(e).__name__}", ha="center", va="center")
         cap = s["caption"].splitlines()[0] if s["caption"] else "(no caption)"

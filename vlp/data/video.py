@@ -369,3 +369,15 @@ class VideoTransform:
 
 __all__ = ["VIDEO_EXTS", "is_video_key", "probe", "segment_times", "decode_frames", "VideoTransform",
            "read_clip_for_eval"]
+
+
+def clip_grid(frames, gap: int = 2):
+    """PIL frames of one clip -> one PIL image: a grid of ceil(sqrt(n)) columns, white gaps between."""
+    n = len(frames)
+    cols = max(1, int(math.ceil(math.sqrt(n))))
+    rows = -(-n // cols)
+    w, h = frames[0].size
+    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
+    for i, f in enumerate(frames):
+        grid.paste(f.resize((w, h)), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
+    return grid

@@ -171,7 +171,7 @@ def _retrieval_summary(res, args) -> None:
         return (f"i2t R@1 {100 * m['i2t_r1']:.1f}  t2i R@1 {100 * m['t2i_r1']:.1f}  "
                 f"mean recall {100 * m['mean_recall']:.1f}")
 
-    rows = [("data", f"{res['n_images']} images / {res['n_texts']} texts ({res['n_skipped']} skipped): {args.data}"),
+    rows = [("data", f"{res['n_images']} {res.get('unit', 'images')} / {res['n_texts']} texts ({res['n_skipped']} skipped): {args.data}"),
             ("ITC", line(res["metrics"]))]
     if "reranked" in res:
         itm = res["itm"]

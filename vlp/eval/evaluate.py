@@ -15,7 +15,7 @@ import torch
 from vlp.config import TokenizerConfig
 from vlp.data.tokenizers import build_tokenizer
 from vlp.data.transforms import eval_transform, resolve_image_cfg
-from vlp.eval.data import CAPTION_KEY, EvalDataset, IMAGE_KEYS, eval_loader, expected_samples
+from vlp.eval.data import CAPTION_KEY, EvalDataset, IMAGE_KEYS, VIDEO_KEYS, eval_loader, expected_samples, iter_records
 from vlp.eval.encode import encode_local, gather_encoded, skip_counts
 from vlp.eval.rerank import rerank
 from vlp.eval.retrieval import DEFAULT_KS, metrics_from_ranks, retrieval_ranks
@@ -146,12 +146,20 @@ def evaluate_retrieval(model, tokenizer, preprocess, data: str, *, images_dir: O
             result["rerank_k"] = rerank_k
             result["itm"] = rr["itm"]
     result.update({
-        "n_images": len(enc["index"]), "n_texts": len(enc["texts"]),
+        "n_images": len(enc["index"]), "n_texts": len(enc["texts"]), "unit": _unit(data, frames, images_dir, split),
         "n_samples_read": len(enc["index"]) + len(enc["skipped"]), "n_skipped": len(enc["skipped"]),
         "skipped": skipped, "skipped_examples": [{"key": k, "reason": r} for _, k, r in enc["skipped"][:20]],
     })
     result.update(_examples(enc, ranks, n_examples, rr))
     return result
+
+
+def _unit(data: str, frames: int, images_dir: Optional[str], split: str) -> str:
+    """What the set's items are, for reports: "clips" when a video model reads a video set, else "images"."""
+    if not frames:
+        return "images"
+    first = next(iter(iter_records(data, images_dir, split)), {})
+    return "clips" if any(k in first for k in VIDEO_KEYS.split(";")) else "images"
 
 
 @functools.lru_cache(maxsize=4)

@@ -12,7 +12,7 @@ import os
 import subprocess
 from typing import Any, Dict, Optional
 
-from vlp.data.video import VIDEO_EXTS, read_clip_for_eval
+from vlp.data.video import VIDEO_EXTS, clip_grid, read_clip_for_eval
 from vlp.eval.data import IMAGE_KEYS, decode_image, iter_records
 from vlp.plots import recall_bars, save_figure
 
@@ -58,20 +58,6 @@ def fetch_images(data: str, stream_indices, images_dir: Optional[str] = None, sp
             if len(out) == len(wanted):
                 break
     return out
-
-
-def clip_grid(frames, gap: int = 2):
-    """PIL frames of one clip -> one PIL image: a grid of ceil(sqrt(n)) columns, white gaps between."""
-    from PIL import Image
-
-    n = len(frames)
-    cols = max(1, int(math.ceil(math.sqrt(n))))
-    rows = -(-n // cols)
-    w, h = frames[0].size
-    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
-    for i, f in enumerate(frames):
-        grid.paste(f.resize((w, h)), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
-    return grid
 
 
 THUMB_PX = 160  # every thumbnail's longer side in the saved PNG (issue: >= 128 px whatever the source size)
@@ -155,6 +141,11 @@ def write_report_png(result: Dict[str, Any], path: str, data: str, images_dir: O
                  result.get("examples_i2t", [])),
                 ("Hardest failures: the text queries whose true image ranked worst", "t2i", result.get("hardest_t2i", [])),
                 ("Hardest failures: the images whose true caption ranked worst", "i2t", result.get("hardest_i2t", []))]
+    if result.get("unit") == "clips":  # a video set: each cell shows 4 frames, read left to right, top to bottom
+        words = (("Text → image", "Text → clip"), ("Image → text: the image", "Clip → text: the clip (4 frames, "
+                 "left to right, top to bottom)"), ("true image", "true clip"), ("the images", "the clips"))
+        for a, b in words:
+            sections = [(t.replace(a, b), k, r) for t, k, r in sections]
     sections = [s for s in sections if s[2]]
     idx = set()
     for _, kind, rows in sections:
@@ -188,7 +179,7 @@ def write_report_png(result: Dict[str, Any], path: str, data: str, images_dir: O
                     thumbs.append(ax)
                 if not any(ex["top_correct"]):
                     ax = _place(fig, y, 6, thumb_in, thumb_in, pad)
-                    _image_cell(ax, images.get(ex["image_stream_index"]), f"true image: rank {ex['rank']}", ORANGE, 5)
+                    _image_cell(ax, images.get(ex["image_stream_index"]), f"true {'clip' if result.get('unit') == 'clips' else 'image'}: rank {ex['rank']}", ORANGE, 5)
                     thumbs.append(ax)
             else:
                 ax = _place(fig, y, 0, thumb_in, thumb_in, pad)
@@ -207,7 +198,7 @@ def write_report_png(result: Dict[str, Any], path: str, data: str, images_dir: O
                                  color=colour, weight="bold" if ok else "normal")
                 _text_cell(_place(fig, y, 5, thumb_in, 2 * CELL_IN, 0.3), _ranks_text(ex).replace(" · ", "\n"))
             y += row_in
-    fig.suptitle(f"{os.path.basename(str(data).rstrip('/'))}: {result['n_images']} images, {result['n_texts']} texts "
+    fig.suptitle(f"{os.path.basename(str(data).rstrip('/'))}: {result['n_images']} {result.get('unit', 'images')}, {result['n_texts']} texts "
                  f"evaluated; {result['n_skipped']} samples skipped", fontsize=13, y=1 - 0.25 / height)
     save_figure(fig, path, dpi=DPI)
     fig.thumbnail_axes = thumbs
