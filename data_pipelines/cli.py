@@ -124,7 +124,8 @@ def _synth_video(args: argparse.Namespace) -> int:
                 result[split] = write_synth_video(
                     os.path.join(args.out, split), opts[split], seed=args.seed, split=split,
                     samples_per_shard=per_shard, side=opts["side"],
-                    seconds=opts["seconds"], fps=opts["fps"], overwrite=args.overwrite, progress=not args.json)
+                    seconds=opts["seconds"], fps=opts["fps"], overwrite=args.overwrite, progress=not args.json,
+                    twins=True if split == "test" or args.train_twins else None)
             except ValueError as e:
                 if isinstance(e, InputError):
                     raise
@@ -146,6 +147,8 @@ def _synth(args: argparse.Namespace) -> int:
     for opt in ("train", "test", "side", "seconds", "fps"):
         if getattr(args, opt) is not None:
             raise InputError(f"--{opt} is for the video set: add --video (the image set takes --n and --split)")
+    if args.train_twins:
+        raise InputError("--train-twins is for the video set: add --video")
     args.n = 2000 if args.n is None else args.n
     args.split = args.split or "train"
     per_shard = 256 if args.samples_per_shard is None else args.samples_per_shard
@@ -311,6 +314,10 @@ digits, '_' and '-' only: webdataset splits a key at its first dot) and kept uni
                    help=f"--video: training clips in OUT/train (default: {_VIDEO_SYNTH['train']})")
     p.add_argument("--test", type=int, default=None, metavar="N",
                    help=f"--video: test clips in OUT/test, in twin pairs (default: {_VIDEO_SYNTH['test']})")
+    p.add_argument("--train-twins", action="store_true",
+                   help="--video: write the training clips in twin pairs too, a clip then its time-reversal (hard "
+                        "negatives for contrastive training: read them with data.shuffle_buffer=0 to keep pairs "
+                        "in one batch)")
     p.add_argument("--side", type=int, default=None, help="--video: frame side in px, even (default: 64)")
     p.add_argument("--seconds", type=float, default=None,
                    help="--video: clip length; the frame count is made odd (default: 2)")

@@ -16,7 +16,8 @@ from typing import List
 
 from vlp.dist import run_forwarding_signals
 
-_CONFIGS = {"clip": "configs/demo_clip.yaml", "albef": "configs/demo_albef.yaml", "bus": "configs/demo_bus.yaml"}
+_CONFIGS = {"clip": "configs/demo_clip.yaml", "albef": "configs/demo_albef.yaml", "bus": "configs/demo_bus.yaml",
+            "video": "configs/demo_video.yaml"}
 
 
 def _default_nproc() -> int:
@@ -49,10 +50,14 @@ def run_demo(args: argparse.Namespace) -> int:
     vlp = [sys.executable, "-m", "vlp.cli"]
     train_dir, test_dir = os.path.join(out, "data", "train"), os.path.join(out, "data", "test")
     t0 = time.time()
-    if not os.path.isfile(os.path.join(train_dir, "stats.json")):
+    if args.model == "video":  # moving-shapes clips: train, and a test split of time-reversed twins
+        if not (os.path.isfile(os.path.join(train_dir, "stats.json")) and os.path.isfile(os.path.join(test_dir, "stats.json"))):
+            _run(vlp + ["data", "synth", os.path.dirname(train_dir), "--video", "--train", str(args.train_samples),
+                        "--test", str(args.test_samples), "--overwrite"])
+    elif not os.path.isfile(os.path.join(train_dir, "stats.json")):
         _run(vlp + ["data", "synth", train_dir, "--n", str(args.train_samples), "--seed", "0", "--split", "train",
                     "--overwrite"])
-    if not os.path.isfile(os.path.join(test_dir, "stats.json")):
+    if args.model != "video" and not os.path.isfile(os.path.join(test_dir, "stats.json")):
         _run(vlp + ["data", "synth", test_dir, "--n", str(args.test_samples), "--seed", "1", "--split", "test",
                     "--overwrite"])
     nproc = args.nproc or _default_nproc()
@@ -82,7 +87,8 @@ def run_demo(args: argparse.Namespace) -> int:
         return f"i2t R@1 {100 * m['i2t_r1']:.1f}  t2i R@1 {100 * m['t2i_r1']:.1f}  mean recall {100 * m['mean_recall']:.1f}"
 
     rows = [("open first", f"{report}  (what was retrieved for which query, and why the numbers are what they are)"),
-            ("held-out", f"{full['n_images']} images: ITC {line(full['metrics'])}")]
+            ("held-out", f"{full['n_images']} {'clips' if args.model == 'video' else 'images'}: "
+                         f"ITC {line(full['metrics'])}")]
     if full.get("reranked"):  # fusion models: the ITC top-k re-ordered by the ITM head
         rows += [("ITM re-ranked", line(full["reranked"])), ("ITM + ITC (BLIP)", line(full["reranked_itc"])),
                  ("held-out ITM", f"balanced accuracy {100 * full['itm']['balanced_acc']:.1f} (positives and "

@@ -5,21 +5,37 @@ on video classes, a vlp export read back by `vlp.load_pretrained`, and image lay
 reason unless the image path alone is asked for."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.dist.train_entry import deepspeed_launch, launcher_env, write_tiny_config
+from tests.dist.train_entry import deepspeed_launch, write_tiny_config
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_process_group(own_process_group):
+    """eval and export run in this process: see conftest.own_process_group."""
+
+
+class _Ran:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
 def _vlp(*args):
-    return subprocess.run([sys.executable, "-m", "vlp.cli", *map(str, args)], cwd=ROOT, env=launcher_env(),
-                          capture_output=True, text=True, timeout=300)
+    """`vlp ARGS` in this process (the CLI's own entry; no DeepSpeed launch for eval and export)."""
+    import contextlib
+    import io
+
+    from vlp.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main([str(a) for a in args])
+    return _Ran(rc, err.getvalue())
 
 
 def test_video_clip_on_two_ranks_zero3_then_eval_and_export(synth_train, tmp_path):
