@@ -55,6 +55,7 @@ from vlp.data.samples import (SKIP_REASONS, collate, decode_clip_sample, decode_
 from vlp.data.shards import Shard, resolve_shards
 from vlp.data.stream import RawStream, SourceStream
 from vlp.data.transforms import ImageTransform, resolve_image_cfg
+from vlp.data.video import VideoTransform
 from vlp.dist import ignore_stop_signals, kill_workers_at_exit, run_on_rank0, stop_signals_blocked
 
 log = logging.getLogger(__name__)
@@ -345,8 +346,6 @@ class TrainLoader:
             max_corrupt_fraction=float(data.max_corrupt_fraction), remote_timeout=timeout)
         self.spec.device_decode = data.decode == "device"
         if cfg.model.video.enabled:
-            from vlp.data.video import VideoTransform
-
             v = data.video
             self.spec.video_keys = image_keys(v.key)
             self.spec.video_transform = VideoTransform(
