@@ -45,3 +45,14 @@ def own_process_group():
         deepspeed.comm.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """(folder, base URL): a loopback HTTP server over tmp_path/www for the downloading tests."""
+    from tests.loopback import serve_folder
+
+    root = tmp_path / "www"
+    root.mkdir()
+    with serve_folder(root) as url:
+        yield root, url

@@ -1,11 +1,9 @@
 """`vlp data convert`: every source format, skip reasons, resizing, shard limits, output safety."""
 import functools
 import glob
-import http.server
 import io
 import json
 import os
-import threading
 
 import pandas as pd
 import pyarrow as pa
@@ -215,23 +213,6 @@ def test_table_bad_column_is_reported_before_writing(tmp_path):
     with pytest.raises(InputError, match="no column 'nope'"):
         CONVERT(str(src), str(tmp_path / "out"), image_col="img", caption_col="nope")
     assert not (tmp_path / "out").exists()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    root = tmp_path / "www"
-    os.makedirs(root)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def test_csv_with_urls(tmp_path, http_root):

@@ -1,11 +1,9 @@
 """Video data tools: the moving-shapes synthetic set (twins) and video in `vlp data convert`."""
 import functools
 import glob
-import http.server
 import io
 import json
 import os
-import threading
 
 import numpy as np
 import pandas as pd
@@ -250,23 +248,6 @@ def test_convert_csv_of_videos_max_side_and_max_seconds(tmp_path, video_folder):
     assert json.loads(_samples(tmp_path / "o1")[0]["json"])["url"] == "videos/b.mp4"
     stats = CONVERT(str(other), str(tmp_path / "o2"), caption_col="text")
     assert stats["options"]["media"] == "video" and json.loads(_samples(tmp_path / "o2")[0]["json"])["width"] == 64
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    root = tmp_path / "www"
-    os.makedirs(root)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def test_convert_parquet_of_video_urls(tmp_path, http_root, clips):

@@ -4,19 +4,17 @@ img2dataset cannot live in vlp's environment (it requires webdataset<0.3, vlp we
 installs it into .venv/img2dataset (`make img2dataset`) and vlp runs it as a separate program. The end-to-end
 test serves JPEGs from a loopback HTTP server, lets img2dataset download them through `vlp data convert`,
 then runs `vlp train` (1 process, a few steps) on that folder with no conversion step and checks its sample
-counts against img2dataset's. It skips only when no img2dataset executable is found. The other tests check
+counts against img2dataset's. It fails when no img2dataset executable is found. The other tests check
 the delegation logic (arguments, choice of downloader, messages) and need no img2dataset.
 """
 import functools
 import glob
-import http.server
 import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
-import threading
 
 import pandas as pd
 import pytest
@@ -26,6 +24,7 @@ from data_pipelines import download
 from data_pipelines.convert import convert
 from data_pipelines.shardspec import InputError
 from tests.dist.train_entry import launcher_env, write_tiny_config
+from tests.loopback import QuietHandler, serve_folder
 from vlp.cli import main as vlp_main
 from vlp.data.shards import count_samples, resolve_shards
 
@@ -39,7 +38,7 @@ def _jpeg(size, color) -> bytes:
     return buf.getvalue()
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
+class _Handler(QuietHandler):
     """Serves the folder; files named `optout*` carry the `X-Robots-Tag: noai` opt-out header."""
 
     def end_headers(self):
@@ -47,20 +46,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.send_header("X-Robots-Tag", "noai")
         super().end_headers()
 
-    def log_message(self, *args):
-        pass
-
 
 @pytest.fixture
 def http_root(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(root, _Handler) as url:
+        yield root, url
 
 
 def _no_img2dataset(monkeypatch, tmp_path):
@@ -188,10 +180,8 @@ def _train_counts(shards, run, steps, batch):
 
 def test_img2dataset_downloads_and_vlp_train_reads_its_output(tmp_path, http_root):
     exe = download.find_img2dataset()
-    if exe is None and os.environ.get("CI"):  # .ci/run (make test) installs it: missing there is a failure
-        pytest.fail("img2dataset not found although `make test` installs it into .venv/img2dataset")
-    if exe is None:
-        pytest.skip("img2dataset not found (not on PATH, no VLP_IMG2DATASET, no .venv/img2dataset): "
+    if exe is None:  # `make test` (and so .ci/run) installs it: a missing one is a failure, never a skip
+        pytest.fail("img2dataset not found (not on PATH, no VLP_IMG2DATASET, no .venv/img2dataset): "
                     "`make img2dataset` installs it; it cannot share vlp's venv (webdataset<0.3)")
     root, base = http_root
     names = []
