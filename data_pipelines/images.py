@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from PIL import Image, ImageOps
 
@@ -52,14 +52,30 @@ class Loaded:
     resized: bool = False
 
 
-def _fetch(rec: Record, timeout: float, max_bytes: int, retries: int, backoff: float) -> bytes:
-    if rec.data:
-        return rec.data
-    if rec.url:
-        return read_url(rec.url, timeout, retries, backoff, max_bytes, setting="--timeout",
-                        cap_setting="--max-image-bytes", user_agent=USER_AGENT)
-    with open(rec.path, "rb") as f:
-        return f.read()
+def fetch(rec: Record, kind: str, timeout: float, max_bytes: int, retries: int,
+          backoff: float) -> Tuple[Optional[bytes], Optional[Tuple[str, str]]]:
+    """(the record's bytes, None), or (None, (skip reason, detail)) for a missing file (`missing_{kind}`), an
+    over-size download, a failed download or an unreadable file (`unreadable_{kind}`); `kind` is image or
+    video. Other errors of a local read propagate."""
+    try:
+        if rec.data:
+            return rec.data, None
+        if rec.url:
+            cap = "--max-image-bytes" + (" (the cap of each download, videos too)" if kind == "video" else "")
+            return read_url(rec.url, timeout, retries, backoff, max_bytes, setting="--timeout",
+                            cap_setting=cap, user_agent=USER_AGENT), None
+        with open(rec.path, "rb") as f:
+            return f.read(), None
+    except FileNotFoundError as e:
+        return None, (f"missing_{kind}", str(e))
+    except TooLarge as e:
+        return None, ("download_too_large", str(e))
+    except Exception as e:  # HTTP errors, timeouts, resets, truncated bodies, bad URLs; unreadable files
+        if rec.url:
+            return None, ("download_failed", f"{type(e).__name__}: {e}")
+        if not isinstance(e, OSError):
+            raise
+        return None, (f"unreadable_{kind}", f"{type(e).__name__}: {e}")
 
 
 def _reencode(im: Image.Image, resize_max: int) -> Image.Image:
@@ -83,18 +99,9 @@ def load_image(rec: Record, resize_max: int = 0, min_size: int = 0, timeout: flo
     """Read and check the image of `rec`; never raises for bad data, returns a skip reason instead.
     URL downloads: at most `max_bytes` (0: no cap), `retries` retries after 429/5xx, `backoff` x 1, 2, 4 ...
     seconds apart."""
-    try:
-        raw = _fetch(rec, timeout, max_bytes, retries, backoff)
-    except FileNotFoundError as e:
-        return Loaded(False, "missing_image", str(e))
-    except TooLarge as e:
-        return Loaded(False, "download_too_large", str(e))
-    except Exception as e:  # HTTP errors, timeouts, resets, truncated bodies, bad URLs; unreadable files
-        if rec.url:
-            return Loaded(False, "download_failed", f"{type(e).__name__}: {e}")
-        if not isinstance(e, OSError):
-            raise
-        return Loaded(False, "unreadable_image", f"{type(e).__name__}: {e}")
+    raw, failed = fetch(rec, "image", timeout, max_bytes, retries, backoff)
+    if failed:
+        return Loaded(False, *failed)
     try:
         im = Image.open(io.BytesIO(raw))
         im.load()

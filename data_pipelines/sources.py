@@ -307,27 +307,36 @@ def read_karpathy(src: str, splits: str = "train", images_dir: Optional[str] = N
 
 
 # ------------------------------------------------------------------------------- img2dataset
-def read_img2dataset(src: str) -> Iterator[Record]:
-    """img2dataset output (`NNNNN.tar` + `.parquet` + `_stats.json`): each sample re-validated."""
+def read_downloader_output(src: str, exts: Sequence[str], what: str) -> Iterator[Record]:
+    """img2dataset / video2dataset output (`NNNNN.tar` + `.parquet` + `_stats.json`): each sample's first
+    member with one of `exts` (re-validated by the converter); a sample whose json says status != success
+    (video2dataset writes its failed downloads) comes without data, so it counts as a failed download."""
     tars = sorted(glob.glob(os.path.join(src, "*.tar")))
     if not tars:
-        raise InputError(f"--format img2dataset needs a directory with *.tar shards, got {src!r}")
+        raise InputError(f"{what} needs a directory with *.tar shards, got {src!r}")
 
     def gen():
         for s in iter_samples(tars):
-            img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
+            ext = next((e for e in exts if e in s), None)
             meta = {}
             if "json" in s:
                 try:
                     meta = json.loads(s["json"])
                 except ValueError:
                     meta = {}
+            meta = meta if isinstance(meta, dict) else {}
             cap = s["txt"].decode("utf-8", errors="replace") if "txt" in s else None
             source = f"{os.path.basename(s['__url__'])}/{s['__key__']}"
-            yield Record(key=s["__key__"], caption=cap, data=s[img_ext] if img_ext else b"", source=source,
-                         meta=meta if isinstance(meta, dict) else {})
+            ok = meta.get("status", "success") == "success"
+            yield Record(key=s["__key__"], caption=cap, data=s[ext] if (ext and ok) else b"", source=source,
+                         meta=meta)
 
     return gen()
+
+
+def read_img2dataset(src: str) -> Iterator[Record]:
+    """img2dataset output: each sample re-validated."""
+    return read_downloader_output(src, ("jpg", "jpeg", "png", "webp"), "--format img2dataset")
 
 
 def img2dataset_failures(src: str) -> int:

@@ -24,13 +24,11 @@ import cv2
 import numpy as np
 
 from data_pipelines import sources
-from data_pipelines.images import Loaded, Record
+from data_pipelines.images import Loaded, Record, fetch
 from data_pipelines.shardspec import InputError, iter_samples
 from vlp.data import video as vvideo
-from vlp.data.remote import TooLarge, read_url
 
 VIDEO_REASONS = ("missing_video", "unreadable_video", "too_short_video")
-USER_AGENT = "vlp-data-convert/0.1"
 GOP_SECONDS = 2.0  # keyframe interval of re-encoded videos
 
 
@@ -187,26 +185,9 @@ def load_video(rec: Record, max_side: int = 0, max_seconds: float = 0.0, min_sec
     """Read, check and (if over `max_side` / `max_seconds`) re-encode the video of `rec`; never raises for
     bad data: returns the skip reason (missing_video, download_failed, download_too_large,
     unreadable_video, too_short_video) instead. Too short: no frame, or under `min_seconds`."""
-    try:
-        if rec.data:
-            raw = rec.data
-        elif rec.url:
-            raw = read_url(rec.url, timeout, retries, backoff, max_bytes, setting="--timeout",
-                           cap_setting="--max-image-bytes (the cap of each download, videos too)",
-                           user_agent=USER_AGENT)
-        else:
-            with open(rec.path, "rb") as f:
-                raw = f.read()
-    except FileNotFoundError as e:
-        return LoadedVideo(False, "missing_video", str(e))
-    except TooLarge as e:
-        return LoadedVideo(False, "download_too_large", str(e))
-    except Exception as e:  # HTTP errors, timeouts, resets, bad URLs; unreadable files
-        if rec.url:
-            return LoadedVideo(False, "download_failed", f"{type(e).__name__}: {e}")
-        if not isinstance(e, OSError):
-            raise
-        return LoadedVideo(False, "unreadable_video", f"{type(e).__name__}: {e}")
+    raw, failed = fetch(rec, "video", timeout, max_bytes, retries, backoff)
+    if failed:
+        return LoadedVideo(False, *failed)
     try:
         info = vvideo.probe(raw)
     except ValueError as e:
@@ -330,29 +311,9 @@ def video_table_columns(src: str, video_col: Optional[str] = None, caption_col: 
 
 
 def read_video2dataset(src: str) -> Iterator[Record]:
-    """video2dataset output (`NNNNN.tar` + `.parquet` + `_stats.json`): a sample whose json says
-    status != success comes with its status and no video (counted as download_failed)."""
-    tars = sorted(glob.glob(os.path.join(src, "*.tar")))
-    if not tars:
-        raise InputError(f"video2dataset output needs a directory with *.tar shards, got {src!r}")
-
-    def gen():
-        for s in iter_samples(tars):
-            ext = next((e for e in vvideo.VIDEO_EXTS if e in s), None)
-            meta = {}
-            if "json" in s:
-                try:
-                    meta = json.loads(s["json"])
-                except ValueError:
-                    meta = {}
-            meta = meta if isinstance(meta, dict) else {}
-            cap = s["txt"].decode("utf-8", errors="replace") if "txt" in s else None
-            source = f"{os.path.basename(s['__url__'])}/{s['__key__']}"
-            ok = meta.get("status", "success") == "success"
-            yield Record(key=s["__key__"], caption=cap, data=s[ext] if (ext and ok) else b"", source=source,
-                         meta=meta)
-
-    return gen()
+    """video2dataset output: a sample whose json says status != success comes with its status and no video
+    (counted as download_failed)."""
+    return sources.read_downloader_output(src, vvideo.VIDEO_EXTS, "video2dataset output")
 
 
 def read_video_source(src: str, fmt: str, video_col: Optional[str] = None, caption_col: Optional[str] = None,
