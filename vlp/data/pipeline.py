@@ -50,8 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.config import ConfigError, frames_at
 from vlp.data.plan import (Range, batches_per_worker, epoch_ranges, merge_ranges, resampled_ranges,
                            window_ranges)
-from vlp.data.samples import (SKIP_REASONS, collate, decode_clip_sample, decode_sample, image_keys, pick_caption,
-                              plan_sample)
+from vlp.data.samples import SKIP_REASONS, collate, decode_clip_sample, decode_sample, image_keys, pick_caption
 from vlp.data.shards import Shard, resolve_shards
 from vlp.data.stream import RawStream, SourceStream
 from vlp.data.transforms import ImageTransform, resolve_image_cfg
@@ -222,10 +221,9 @@ def _train_batches(spec: _Spec, plan: EpochPlan, epoch: int, worker: int, snap: 
         while len(images) < spec.batch_size:
             (s, p, _, _), sample = next(raw)
             counters.sample()
-            if spec.device_decode:
-                out = plan_sample(sample, spec.img_keys, spec.caption_key, spec.transform, rng)
-            elif spec.video_keys is None:
-                out = decode_sample(sample, spec.img_keys, spec.caption_key, spec.transform, rng)
+            if spec.video_keys is None:
+                out = decode_sample(sample, spec.img_keys, spec.caption_key, spec.transform, rng,
+                                    defer=spec.device_decode)
             else:
                 out = decode_clip_sample(sample, spec.video_keys, spec.img_keys, spec.caption_key,
                                          spec.video_transform, spec.transform, rng)

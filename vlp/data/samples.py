@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from vlp.data.transforms import ImageTransform
+from vlp.data.video import TooShortVideo
 
 # every reason a sample (or shard part) is skipped, in training and in evaluation; training stats report
 # all of them, zeros included
@@ -33,14 +34,19 @@ def _caption(sample: Dict, caption_key: str) -> str:
 
 
 def decode_sample(sample: Dict, img_keys: Sequence[str], caption_key: str, transform: ImageTransform,
-                  rng: Optional[np.random.Generator]) -> Union[str, Tuple[np.ndarray, str]]:
-    """(CHW uint8 image, raw caption) or a skip reason. The caption is checked first: it is cheap."""
+                  rng: Optional[np.random.Generator], defer: bool = False) -> Union[str, Tuple[Any, str]]:
+    """(CHW uint8 image, raw caption) or a skip reason. The caption is checked first: it is cheap. `defer`
+    (`data.decode=device`): a JPEG comes back as (its bytes, crop box, flip), drawn as the decode would draw
+    them, to be decoded where the model runs (`vlp.data.transforms.decode_on_device`)."""
     text = _caption(sample, caption_key)
     if text.startswith("!"):
         return text[1:]
     data = next((sample[k] for k in img_keys if k in sample), None)
     if data is None:
         return "missing_image"
+    plan = transform.plan(data, rng) if defer else None
+    if plan is not None:
+        return (bytes(data), plan[0], plan[1]), text
     try:
         return transform(data, rng), text
     except Exception:  # any decoder failure: corrupt or unsupported bytes
@@ -62,8 +68,8 @@ def decode_clip_sample(sample: Dict, video_keys: Sequence[str], img_keys: Sequen
     if data is not None:
         try:
             return video_transform(data, rng), k, text
-        except ValueError as e:
-            return "too_short_video" if "too short" in str(e) else "unreadable_video"
+        except TooShortVideo:
+            return "too_short_video"
         except Exception:  # any decoder failure: corrupt or unsupported container/codec
             return "unreadable_video"
     out = decode_sample(sample, img_keys, caption_key, transform, rng)
@@ -72,26 +78,6 @@ def decode_clip_sample(sample: Dict, video_keys: Sequence[str], img_keys: Sequen
     clip = np.zeros((k,) + out[0].shape, np.uint8)
     clip[0] = out[0]
     return clip, 1, text
-
-
-def plan_sample(sample: Dict, img_keys: Sequence[str], caption_key: str, transform: ImageTransform,
-                rng: Optional[np.random.Generator]) -> Union[str, Tuple[Any, str]]:
-    """`data.decode=device`: ((jpeg bytes, crop box, flip) or a CHW uint8 image decoded here for non-JPEGs,
-    raw caption), or a skip reason. A JPEG is decoded later, where the model runs
-    (`vlp.data.transforms.decode_on_device`)."""
-    text = _caption(sample, caption_key)
-    if text.startswith("!"):
-        return text[1:]
-    data = next((sample[k] for k in img_keys if k in sample), None)
-    if data is None:
-        return "missing_image"
-    plan = transform.plan(data, rng)
-    if plan is not None:
-        return (bytes(data), plan[0], plan[1]), text
-    try:
-        return transform(data, rng), text
-    except Exception:  # any decoder failure: corrupt or unsupported bytes
-        return "unreadable_image"
 
 
 def pick_caption(text: str, rng: Optional[np.random.Generator]) -> str:

@@ -304,12 +304,16 @@ def read_clip_for_eval(data: bytes, frames: int) -> List[Image.Image]:
         reader.close()
 
 
+class TooShortVideo(ValueError):
+    """A clip shorter than the transform's `min_seconds`, or without a frame: skipped as too_short_video."""
+
+
 class VideoTransform:
     """bytes -> uint8 (K, 3, size, size): K frames by `segment_times`, one crop box (train: random
     resized crop with `crop_scale`; eval: the central square) and one flip draw shared by the clip.
 
     Draws from `rng` in this order: the K times, the crop box, the flip. `min_seconds`: a shorter clip
-    raises ValueError("too short ...").
+    raises `TooShortVideo` (a ValueError).
     """
 
     def __init__(self, size: int, train: bool, frames: int, crop_scale: Sequence[float] = (0.5, 1.0),
@@ -341,7 +345,7 @@ class VideoTransform:
         try:
             info = reader.info()
             if info["duration"] < self.min_seconds or (info["duration"] <= 0 and info["frames"] <= 0):
-                raise ValueError(f"too short: {info['duration']:.3g} s ({info['frames']} frames), "
+                raise TooShortVideo(f"too short: {info['duration']:.3g} s ({info['frames']} frames), "
                                  f"min_seconds is {self.min_seconds:g}")
             times = segment_times(info["duration"], self.frames, rng if self.train else None)
             frames = reader.read(times)
