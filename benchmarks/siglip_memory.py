@@ -24,15 +24,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from cost_curves import _rss_mib  # noqa: E402  (the same resident-set reading as the cost curves)
+
 DIM = 256
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _rank(rank: int, world: int, port: int, batch: int, chunked: bool, queue) -> None:
